@@ -1,0 +1,610 @@
+"""PPO for discrete actions (Discrete, MultiDiscrete, MultiBinary): the reference script of this project.
+
+Every other script (ppo_continuous.py, ppo_atari.py, ppo_lstm.py, ppo_mpi.py) is a copy of this one with one new
+idea, so `diff ppo.py ppo_X.py` shows just that idea. The defaults are CleanRL's classic-control settings.
+
+Paper: Schulman et al. 2017, "Proximal Policy Optimization Algorithms", https://arxiv.org/abs/1707.06347
+Details: Huang et al. 2022, "The 37 Implementation Details of Proximal Policy Optimization", ICLR blog track.
+
+    python ppo.py                                             # CartPole-v1, 500k steps
+    python ppo.py --env-id Acrobot-v1 --seed 2 --track        # log to wandb as well
+    python ppo.py --eval-checkpoint runs/RUN/checkpoint.pt --capture-video
+"""
+
+import importlib
+import os
+import random
+import sys
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import envpool
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment, part of the run folder's name"""
+    seed: int = 1
+    """seed of random, numpy, torch and the environments"""
+    track: bool = False
+    """if toggled, log the run to Weights and Biases as well"""
+    wandb_project_name: str = "ppo"
+    """the wandb project name"""
+    wandb_entity: str | None = None
+    """the entity (team) of the wandb project"""
+    capture_video: bool = False
+    """if toggled, record videos of the evaluation episodes under the run folder (`videos/`)"""
+    save_interval: int = 0
+    """also write the checkpoint every this many iterations (0: only at the end of training)"""
+    eval_episodes: int = 10
+    """greedy-policy episodes played after training and by --eval-checkpoint (0: no evaluation)"""
+    eval_checkpoint: str | None = None
+    """evaluate the checkpoint at this path with the greedy policy, then exit without training"""
+    resume: str | None = None
+    """continue the run of the checkpoint at this path (weights, optimizer, global step, lr schedule)"""
+
+    # Algorithm specific arguments
+    env_id: str = "CartPole-v1"
+    """the id of the environment: an envpool id, a gymnasium id, or `module:EnvId-v0` for your own"""
+    env_backend: Literal["auto", "envpool", "gymnasium"] = "auto"
+    """who steps the envs; auto takes the faster: gymnasium below 16 envs, envpool from 16 (measured)"""
+    total_timesteps: int = 500000
+    """total environment steps of the experiment, all envs together"""
+    learning_rate: float = 2.5e-4
+    """the learning rate of the optimizer"""
+    num_envs: int = 4
+    """the number of parallel environments"""
+    num_steps: int = 128
+    """the number of steps to run in each environment per policy rollout"""
+    anneal_lr: bool = True
+    """if toggled, the learning rate decays linearly to 0 over the run"""
+    gamma: float = 0.99
+    """the discount factor gamma"""
+    gae_lambda: float = 0.95
+    """the lambda of the general advantage estimation"""
+    num_minibatches: int = 4
+    """the number of minibatches per update epoch"""
+    update_epochs: int = 4
+    """the number of epochs over the rollout per update"""
+    norm_adv: bool = True
+    """if toggled, advantages are normalised per minibatch"""
+    clip_coef: float = 0.2
+    """the surrogate clipping coefficient"""
+    clip_vloss: bool = True
+    """if toggled, the value loss is clipped as in the PPO paper's code"""
+    ent_coef: float = 0.01
+    """the coefficient of the entropy bonus"""
+    vf_coef: float = 0.5
+    """the coefficient of the value loss"""
+    max_grad_norm: float = 0.5
+    """the maximum norm of the gradient (clipped above it)"""
+    target_kl: float | None = None
+    """stop the update epochs early once the approximate KL passes this (None: never)"""
+
+
+class UserError(Exception):
+    """A mistake in the input: printed as one line, exit status 2, no traceback."""
+
+
+# Envpool is faster than gymnasium's SyncVectorEnv from this many CartPoles on (2-core machine, see README).
+ENVPOOL_MIN_ENVS = 16
+
+
+def validate_args(args: Args) -> None:
+    for flag in ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs"):
+        if getattr(args, flag) <= 0:
+            raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be positive")
+    if args.eval_episodes < 0 or args.save_interval < 0:
+        raise UserError("--eval-episodes and --save-interval must be 0 or more")
+    batch_size = args.num_envs * args.num_steps
+    if batch_size % args.num_minibatches or batch_size // args.num_minibatches < 2:
+        raise UserError(
+            f"--num-minibatches {args.num_minibatches} does not divide the batch of {batch_size} "
+            f"(--num-envs {args.num_envs} x --num-steps {args.num_steps}) into minibatches of 2 or more"
+        )
+    if args.total_timesteps < batch_size and not args.eval_checkpoint:
+        raise UserError(f"--total-timesteps {args.total_timesteps} is less than one batch of {batch_size} steps")
+    if not 0 <= args.gamma <= 1 or not 0 <= args.gae_lambda <= 1:
+        raise UserError("--gamma and --gae-lambda must lie in [0, 1]")
+    if args.eval_checkpoint and args.resume:
+        raise UserError("--eval-checkpoint and --resume exclude each other: pass one")
+
+
+def gymnasium_has(env_id: str) -> bool:
+    module, _, name = env_id.rpartition(":")
+    try:
+        if module:
+            importlib.import_module(module)  # gymnasium's `module:EnvId` syntax: the import registers the env
+        gym.spec(name)
+        return True
+    except ModuleNotFoundError as e:
+        raise UserError(f"--env-id {env_id}: cannot import module {module!r} ({e})") from None
+    except gym.error.Error:
+        return False
+
+
+def choose_backend(env_id: str, num_envs: int, backend: str) -> str:
+    """Check that the env id exists and pick who steps it; raises UserError for an unknown id."""
+    in_envpool, in_gymnasium = env_id in envpool.list_all_envs(), gymnasium_has(env_id)
+    if backend == "auto":
+        if not in_envpool and not in_gymnasium:
+            raise UserError(f"--env-id {env_id} is neither an envpool nor a gymnasium id (e.g. CartPole-v1)")
+        return "envpool" if in_envpool and (num_envs >= ENVPOOL_MIN_ENVS or not in_gymnasium) else "gymnasium"
+    if not (in_envpool if backend == "envpool" else in_gymnasium):
+        raise UserError(f"--env-id {env_id} is not a {backend} id; try --env-backend auto")
+    return backend
+
+
+def make_envs(env_id: str, num_envs: int, seed: int, backend: str, video_folder: str | None = None):
+    """Vector envs with next-step autoreset, whoever steps them: after a step that ends an episode, the next step
+    returns the first observation of the new episode with reward 0 and ignores its action."""
+    if backend == "envpool":
+        return envpool.make(env_id, env_type="gymnasium", num_envs=num_envs, seed=seed)
+
+    def make_env():
+        env = gym.make(env_id, render_mode="rgb_array" if video_folder else None)
+        if video_folder:
+            env = gym.wrappers.RecordVideo(env, video_folder, episode_trigger=lambda episode: True)
+        return env
+
+    return gym.vector.SyncVectorEnv([make_env] * num_envs, autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
+
+
+def action_nvec(space: gym.Space) -> np.ndarray:
+    """Every supported action space as independent categorical components: their sizes."""
+    if isinstance(space, gym.spaces.Discrete):
+        return np.array([space.n])
+    if isinstance(space, gym.spaces.MultiDiscrete):
+        return space.nvec.reshape(-1)
+    if isinstance(space, gym.spaces.MultiBinary):
+        return np.full(int(np.prod(space.shape)), 2)
+    hint = " (use ppo_continuous.py for Box actions)" if isinstance(space, gym.spaces.Box) else ""
+    raise UserError(f"ppo.py handles Discrete, MultiDiscrete and MultiBinary actions, not {space}{hint}")
+
+
+def to_env_action(action: np.ndarray, space: gym.Space) -> np.ndarray:
+    """[num_envs, components] category indices -> the env's own action layout and offset."""
+    return action.reshape(len(action), *space.shape) + getattr(space, "start", 0)
+
+
+def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
+    torch.nn.init.orthogonal_(layer.weight, std)
+    torch.nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+class Agent(nn.Module):
+    def __init__(self, obs_space: gym.Space, act_space: gym.Space):
+        super().__init__()
+        if isinstance(obs_space, gym.spaces.Discrete):
+            self.obs_onehot, obs_dim = int(obs_space.n), int(obs_space.n)
+        elif isinstance(obs_space, gym.spaces.Box):
+            self.obs_onehot, obs_dim = 0, int(np.prod(obs_space.shape))
+        else:
+            raise UserError(f"ppo.py handles Box and Discrete observations, not {obs_space}")
+        nvec = action_nvec(act_space)
+        self.critic = nn.Sequential(
+            layer_init(nn.Linear(obs_dim, 64)),
+            nn.Tanh(),
+            layer_init(nn.Linear(64, 64)),
+            nn.Tanh(),
+            layer_init(nn.Linear(64, 1), std=1.0),
+        )
+        self.actor = nn.Sequential(
+            layer_init(nn.Linear(obs_dim, 64)),
+            nn.Tanh(),
+            layer_init(nn.Linear(64, 64)),
+            nn.Tanh(),
+            layer_init(nn.Linear(64, len(nvec) * int(nvec.max())), std=0.01),
+        )
+        # Components of unequal size share one [components, max size] logits table; the padding gets a logit so
+        # low that its probability is exactly 0 in float32, so one vectorised softmax serves every component.
+        self.logits_shape = (len(nvec), int(nvec.max()))
+        padding = torch.arange(self.logits_shape[1]) >= torch.as_tensor(nvec)[:, None]
+        self.register_buffer("logit_padding", padding.float() * -1e8 if padding.any() else None)
+
+    def features(self, x):
+        return F.one_hot(x.long(), self.obs_onehot).float() if self.obs_onehot else x.flatten(1)
+
+    def get_value(self, x):
+        return self.critic(self.features(x)).squeeze(-1)
+
+    def numpy_policy(self, rng: np.random.Generator):
+        """The sampling policy of the rollout in NumPy, over views of the parameters' memory (no copy: it follows
+        every optimizer step). At a few envs a torch forward is ~25 ops of ~5 us dispatch each; this one runs 2.5x
+        faster per env step (README, Speed). Returns obs -> (action, logprob, value), as get_action_and_value."""
+        actor, critic = (
+            [(m.weight.detach().numpy().T, m.bias.detach().numpy()) if isinstance(m, nn.Linear) else m for m in net]
+            for net in (self.actor, self.critic)
+        )
+        onehot = np.eye(self.obs_onehot, dtype=np.float32) if self.obs_onehot else None
+        padding = None if self.logit_padding is None else self.logit_padding.numpy()
+
+        def forward(layers, x):
+            for layer in layers:
+                if isinstance(layer, tuple):
+                    x = x @ layer[0] + layer[1]
+                elif isinstance(layer, nn.Tanh):
+                    x = np.tanh(x)
+                else:
+                    raise NotImplementedError(f"numpy_policy: add {layer} to forward() to use it in the network")
+            return x
+
+        def policy(obs):
+            x = onehot[obs.astype(np.int64)] if self.obs_onehot else obs.reshape(len(obs), -1)
+            logits = forward(actor, x).reshape(len(x), *self.logits_shape)
+            if padding is not None:
+                logits = logits + padding
+            logits = logits - logits.max(-1, keepdims=True)
+            logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+            action = (logp - np.log(rng.standard_exponential(logp.shape, dtype=np.float32))).argmax(-1)
+            logprob = np.take_along_axis(logp, action[..., None], -1).sum((-2, -1))
+            return action, logprob, forward(critic, x)[:, 0]
+
+        return policy
+
+    def get_action_and_value(self, x, action=None, greedy=False):
+        # Categorical maths written out: torch.distributions objects cost more than the network at this size.
+        x = self.features(x)
+        logits = self.actor(x).view(len(x), *self.logits_shape)
+        if self.logit_padding is not None:
+            logits = logits + self.logit_padding
+        logp = logits.log_softmax(-1)
+        if action is None:
+            # Gumbel-max: argmax(logp + Gumbel noise) samples the categorical, in fewer ops than torch.multinomial
+            action = logp if greedy else logp - torch.empty_like(logp).exponential_().log()
+            action = action.argmax(-1)
+        logprob = logp.gather(-1, action.unsqueeze(-1)).squeeze(-1).sum(-1)
+        entropy = -(logp.exp() * logp).sum((-2, -1))
+        return action, logprob, entropy, self.critic(x).squeeze(-1)
+
+
+def flatten_parameters(module: nn.Module) -> nn.Parameter:
+    """Move all of module's parameters into one flat Parameter, and their gradients into its .grad: each parameter
+    and its .grad become views of these. The optimizer and gradient clipping then make one call instead of one per
+    tensor; on the CPU that per-tensor overhead outweighs their maths for a small MLP (update 13% faster). Zero the
+    gradient in place (`zero_grad(set_to_none=False)`): setting it to None would cut the views loose."""
+    params = list(module.parameters())
+    flat = nn.Parameter(torch.cat([p.detach().reshape(-1) for p in params]))
+    flat.grad = torch.zeros_like(flat)
+    offset = 0
+    for p in params:
+        p.data = flat.data[offset : offset + p.numel()].view_as(p)
+        p.grad = flat.grad[offset : offset + p.numel()].view_as(p)
+        offset += p.numel()
+    return flat
+
+
+def compute_gae(rewards, values, terminations, truncations, resets, next_value, gamma, gae_lambda):
+    """Generalised advantage estimation over a [num_steps, num_envs] rollout, under next-step autoreset.
+
+    Step t is the transition obs[t] -> obs[t + 1] with reward[t]. When it ends an episode, obs[t + 1] is the real
+    final observation, so values[t + 1] (or next_value after the last step) is its value: a truncated episode is
+    bootstrapped from it, a terminated one is not. The step after (resets[t + 1]) only resets the env: it is not a
+    transition, gets advantage 0 and is cut out of the recursion. Returns (advantages, returns).
+    """
+    num_steps = len(rewards)
+    advantages = np.zeros_like(rewards)
+    lastgaelam = np.zeros_like(next_value)
+    for t in reversed(range(num_steps)):
+        nextvalues = next_value if t == num_steps - 1 else values[t + 1]
+        delta = rewards[t] + gamma * nextvalues * ~terminations[t] - values[t]
+        lastgaelam = delta + gamma * gae_lambda * ~(terminations[t] | truncations[t]) * lastgaelam
+        lastgaelam = lastgaelam * ~resets[t]
+        advantages[t] = lastgaelam
+    return advantages, advantages + values
+
+
+class EpisodeTracker:
+    """Real return and length of each env's current episode. The reset step of next-step autoreset belongs to
+    neither episode; `reset` tells which envs' next step is one."""
+
+    def __init__(self, num_envs: int):
+        self.returns = np.zeros(num_envs)
+        self.lengths = np.zeros(num_envs, dtype=np.int64)
+        self.reset = np.zeros(num_envs, dtype=bool)
+
+    def step(self, reward, terminated, truncated) -> list:
+        """Account one vector step; returns (return, length) of each episode that it ended."""
+        self.returns += reward
+        self.lengths += 1
+        if self.reset.any():
+            self.returns[self.reset] = 0
+            self.lengths[self.reset] = 0
+        self.reset = terminated | truncated
+        return (
+            list(zip(self.returns[self.reset].tolist(), self.lengths[self.reset].tolist())) if self.reset.any() else []
+        )
+
+
+def evaluate(agent: Agent, envs, num_episodes: int, seed: int) -> list:
+    """Episodic returns of num_episodes played with the greedy policy (the most likely action)."""
+    next_obs, _ = envs.reset(seed=seed)
+    tracker, returns = EpisodeTracker(envs.num_envs), []
+    while len(returns) < num_episodes:
+        with torch.no_grad():
+            action, *_ = agent.get_action_and_value(torch.as_tensor(next_obs, dtype=torch.float32), greedy=True)
+        next_obs, reward, terminated, truncated, _ = envs.step(to_env_action(action.numpy(), envs.single_action_space))
+        returns += [episode_return for episode_return, _ in tracker.step(reward, terminated, truncated)]
+    return returns[:num_episodes]
+
+
+def run_evaluation(agent: Agent, args: Args, backend: str, seed: int, video_folder: str | None) -> list:
+    """Evaluate on a fresh env (rendered by gymnasium when recording videos) and print mean ± std."""
+    envs = make_envs(args.env_id, 1, seed, "gymnasium" if video_folder else backend, video_folder)
+    returns = evaluate(agent, envs, args.eval_episodes, seed)
+    envs.close()
+    print(f"eval {args.env_id}: {np.mean(returns):.2f} ± {np.std(returns):.2f} over {len(returns)} greedy episodes")
+    return returns
+
+
+def save_checkpoint(path: str, checkpoint: dict) -> None:
+    """Write atomically: a crash mid-write leaves the previous checkpoint whole."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(checkpoint, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, flag: str, script: str) -> dict:
+    """Read a checkpoint as data (weights_only: no code runs); raises UserError naming the flag if it is unusable."""
+    if not os.path.isfile(path):
+        raise UserError(f"{flag} {path}: no such file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(
+            f"{flag} {path} is not a readable checkpoint ({type(e).__name__}); pass one from {script}"
+        ) from None
+    if not isinstance(checkpoint, dict) or not {"script", "args", "global_step", "model"} <= checkpoint.keys():
+        raise UserError(f"{flag} {path} is not a checkpoint of this project; pass one written by {script}")
+    if checkpoint["script"] != script:
+        raise UserError(f"{flag} {path} was written by {checkpoint['script']}; load it with that script, not {script}")
+    return checkpoint
+
+
+def load_agent(agent: Agent, checkpoint: dict, flag: str) -> None:
+    try:
+        agent.load_state_dict(checkpoint["model"])
+    except (KeyError, RuntimeError):
+        raise UserError(
+            f"{flag}: the checkpoint's network does not fit {checkpoint['args']['env_id']}'s spaces"
+        ) from None
+
+
+def main(args: Args) -> None:
+    script = os.path.basename(__file__)
+    validate_args(args)
+    checkpoint = None
+    if args.eval_checkpoint or args.resume:
+        flag = "--eval-checkpoint" if args.eval_checkpoint else "--resume"
+        checkpoint = load_checkpoint(args.eval_checkpoint or args.resume, flag, script)
+        if args.eval_checkpoint:
+            args.env_id = checkpoint["args"]["env_id"]
+        elif checkpoint["args"]["env_id"] != args.env_id:
+            raise UserError(f"--resume: the checkpoint trained on {checkpoint['args']['env_id']}; pass that --env-id")
+    backend = choose_backend(args.env_id, args.num_envs, args.env_backend)
+    if args.capture_video and args.eval_episodes and not gymnasium_has(args.env_id):
+        raise UserError(f"--capture-video: videos are rendered by gymnasium, which has no env {args.env_id}")
+    # ppo.py runs on the CPU, in one thread: at a 64x64 MLP's sizes a GPU's launch latency and a second CPU thread's
+    # synchronisation both cost more than they bring (one thread: a 14% faster update on 2 cores, README Speed).
+    torch.set_num_threads(1)
+
+    if args.eval_checkpoint:
+        envs = make_envs(args.env_id, 1, args.seed, backend)
+        agent = Agent(envs.single_observation_space, envs.single_action_space)
+        envs.close()
+        load_agent(agent, checkpoint, "--eval-checkpoint")
+        video_folder = os.path.join(os.path.dirname(args.eval_checkpoint), "videos") if args.capture_video else None
+        run_evaluation(agent, args, backend, args.seed, video_folder)
+        return
+
+    batch_size = args.num_envs * args.num_steps
+    num_iterations = args.total_timesteps // batch_size
+    global_step = checkpoint["global_step"] if checkpoint else 0
+    start_iteration = global_step // batch_size + 1
+    if start_iteration > num_iterations:
+        raise UserError(f"--resume: the checkpoint is at step {global_step:,} already; raise --total-timesteps")
+    # A resumed run reseeds from the step it resumes at, so it does not replay the episodes of its start.
+    seed = args.seed + global_step
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+    if checkpoint:
+        run_dir = os.path.dirname(os.path.abspath(args.resume))
+    else:
+        run_dir = os.path.join(
+            "runs", f"{args.env_id.replace(':', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        )
+    os.makedirs(run_dir, exist_ok=True)
+    if args.track:
+        import wandb
+
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            sync_tensorboard=True,
+            config=asdict(args),
+            name=os.path.basename(run_dir),
+            dir=run_dir,
+            save_code=True,
+        )
+    writer = SummaryWriter(run_dir)
+    writer.add_text(
+        "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
+    )
+
+    envs = make_envs(args.env_id, args.num_envs, seed, backend)
+    agent = Agent(envs.single_observation_space, envs.single_action_space)
+    flat_params = flatten_parameters(agent)
+    policy = agent.numpy_policy(np.random.default_rng(seed))
+    # Fused Adam: a third of the time of the default implementation on the CPU.
+    optimizer = torch.optim.Adam([flat_params], lr=args.learning_rate, eps=1e-5, fused=True)
+    if checkpoint:
+        load_agent(agent, checkpoint, "--resume")
+        optimizer.load_state_dict(checkpoint["optimizer"])
+
+    # Rollout storage, [num_steps, num_envs, ...]; actions as [.., components] category indices
+    obs_shape = envs.single_observation_space.shape
+    obs = np.zeros((args.num_steps, args.num_envs, *obs_shape), dtype=np.float32)
+    actions = np.zeros((args.num_steps, args.num_envs, agent.logits_shape[0]), dtype=np.int64)
+    logprobs = np.zeros((args.num_steps, args.num_envs), dtype=np.float32)
+    rewards = np.zeros((args.num_steps, args.num_envs), dtype=np.float32)
+    values = np.zeros((args.num_steps, args.num_envs), dtype=np.float32)
+    terminations = np.zeros((args.num_steps, args.num_envs), dtype=bool)
+    truncations = np.zeros((args.num_steps, args.num_envs), dtype=bool)
+    resets = np.zeros((args.num_steps, args.num_envs), dtype=bool)
+
+    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
+    tracker, recent_returns = EpisodeTracker(args.num_envs), deque(maxlen=100)
+    interactive, last_print = sys.stdout.isatty(), 0.0
+    next_obs, _ = envs.reset(seed=seed)
+    start_time, start_step = time.time(), global_step
+
+    for iteration in range(start_iteration, num_iterations + 1):
+        if args.anneal_lr:
+            frac = 1.0 - (iteration - 1.0) / num_iterations
+            optimizer.param_groups[0]["lr"] = frac * args.learning_rate
+
+        for step in range(args.num_steps):
+            global_step += args.num_envs
+            obs[step] = next_obs
+            resets[step] = tracker.reset
+            actions[step], logprobs[step], values[step] = policy(obs[step])
+
+            next_obs, reward, terminations[step], truncations[step], _ = envs.step(
+                to_env_action(actions[step], envs.single_action_space)
+            )
+            rewards[step] = reward
+            for episode_return, episode_length in tracker.step(reward, terminations[step], truncations[step]):
+                recent_returns.append(episode_return)
+                writer.add_scalar("charts/episodic_return", episode_return, global_step)
+                writer.add_scalar("charts/episodic_length", episode_length, global_step)
+
+        with torch.no_grad():
+            next_value = agent.get_value(torch.as_tensor(next_obs, dtype=torch.float32)).numpy()
+        advantages, returns = compute_gae(
+            rewards, values, terminations, truncations, resets, next_value, args.gamma, args.gae_lambda
+        )
+
+        # Train only on real transitions: the reset steps of next-step autoreset are left out of the batch.
+        transition = ~resets.reshape(-1)
+        b_obs = torch.from_numpy(obs.reshape(-1, *obs_shape)[transition])
+        b_actions = torch.from_numpy(actions.reshape(-1, actions.shape[-1])[transition])
+        b_logprobs, b_advantages, b_returns, b_values = (
+            torch.from_numpy(x.reshape(-1)[transition]) for x in (logprobs, advantages, returns, values)
+        )
+
+        stats, num_updates = torch.zeros(6), 0
+        for epoch in range(args.update_epochs):
+            for mb_inds in torch.randperm(len(b_obs)).tensor_split(args.num_minibatches):
+                _, newlogprob, entropy, newvalue = agent.get_action_and_value(b_obs[mb_inds], b_actions[mb_inds])
+                logratio = newlogprob - b_logprobs[mb_inds]
+                ratio = logratio.exp()
+
+                with torch.no_grad():
+                    # calculate approx_kl http://joschu.net/blog/kl-approx.html
+                    old_approx_kl = (-logratio).mean()
+                    approx_kl = ((ratio - 1) - logratio).mean()
+                    clipfrac = ((ratio - 1.0).abs() > args.clip_coef).float().mean()
+
+                mb_advantages = b_advantages[mb_inds]
+                if args.norm_adv:
+                    mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
+
+                # Policy loss
+                pg_loss1 = -mb_advantages * ratio
+                pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
+                pg_loss = torch.max(pg_loss1, pg_loss2).mean()
+
+                # Value loss
+                if args.clip_vloss:
+                    v_loss_unclipped = (newvalue - b_returns[mb_inds]) ** 2
+                    v_clipped = b_values[mb_inds] + torch.clamp(
+                        newvalue - b_values[mb_inds], -args.clip_coef, args.clip_coef
+                    )
+                    v_loss_clipped = (v_clipped - b_returns[mb_inds]) ** 2
+                    v_loss = 0.5 * torch.max(v_loss_unclipped, v_loss_clipped).mean()
+                else:
+                    v_loss = 0.5 * ((newvalue - b_returns[mb_inds]) ** 2).mean()
+
+                entropy_loss = entropy.mean()
+                loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
+
+                optimizer.zero_grad(set_to_none=False)
+                loss.backward()
+                nn.utils.clip_grad_norm_(flat_params, args.max_grad_norm)
+                optimizer.step()
+                stats += torch.stack([pg_loss, v_loss, entropy_loss, old_approx_kl, approx_kl, clipfrac]).detach()
+                num_updates += 1
+
+            if args.target_kl is not None and approx_kl > args.target_kl:
+                break
+
+        # Losses are averaged over every minibatch of the iteration, not taken from the last one.
+        stats = (stats / num_updates).tolist()
+        y_pred, y_true = b_values.numpy(), b_returns.numpy()
+        var_y = np.var(y_true)
+        explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
+        sps = (global_step - start_step) / (time.time() - start_time)
+        writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+        for key, value in zip(
+            ("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac"), stats
+        ):
+            writer.add_scalar(f"losses/{key}", value, global_step)
+        writer.add_scalar("losses/explained_variance", explained_var, global_step)
+        writer.add_scalar("charts/SPS", int(sps), global_step)
+
+        if args.save_interval and iteration % args.save_interval == 0 or iteration == num_iterations:
+            save_checkpoint(
+                checkpoint_path,
+                {
+                    "script": script,
+                    "args": asdict(args),
+                    "global_step": global_step,
+                    "model": agent.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                },
+            )
+        # Progress: one line redrawn in place on a terminal, a plain line every 10 s in a log file.
+        if time.time() - last_print >= (0.5 if interactive else 10.0) or iteration == num_iterations:
+            ret = f"{np.mean(recent_returns):.1f} (last {len(recent_returns)} episodes)" if recent_returns else "n/a"
+            line = f"{global_step:,}/{args.total_timesteps:,} steps | {sps:,.0f} SPS | return {ret}"
+            print(f"\r{line}\033[K" if interactive else line, end="" if interactive else "\n", flush=True)
+            last_print = time.time()
+
+    envs.close()
+    mean_return = f"{np.mean(recent_returns):.2f}" if recent_returns else "n/a"
+    print(
+        ("\n" if interactive else "")
+        + f"done: {global_step:,} steps in {time.time() - start_time:.1f} s ({sps:,.0f} SPS); "
+        f"mean return of the last {len(recent_returns)} episodes {mean_return}; checkpoint {checkpoint_path}"
+    )
+
+    if args.eval_episodes:
+        video_folder = os.path.join(run_dir, "videos") if args.capture_video else None
+        eval_returns = run_evaluation(agent, args, backend, seed, video_folder)
+        writer.add_scalar("eval/episodic_return", np.mean(eval_returns), global_step)
+    writer.close()
+    if args.track:
+        wandb.finish()
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except UserError as e:
+        sys.exit(f"error: {e}")
