@@ -93,7 +93,7 @@ class Args:
 
 
 class UserError(Exception):
-    """A mistake in the input: printed as one line, exit status 2, no traceback."""
+    """A mistake in the input: printed as one line, exit status 2 (as for a bad flag), no traceback."""
 
 
 # Envpool is faster than gymnasium's SyncVectorEnv from this many CartPoles on (2-core machine, see README).
@@ -152,7 +152,7 @@ def make_envs(env_id: str, num_envs: int, seed: int, backend: str, video_folder:
         return envpool.make(env_id, env_type="gymnasium", num_envs=num_envs, seed=seed)
 
     def make_env():
-        env = gym.make(env_id, render_mode="rgb_array" if video_folder else None)
+        env = gym.make(env_id, **({"render_mode": "rgb_array"} if video_folder else {}))  # not every env takes it
         if video_folder:
             env = gym.wrappers.RecordVideo(env, video_folder, episode_trigger=lambda episode: True)
         return env
@@ -423,8 +423,16 @@ def main(args: Args) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
 
+    envs = make_envs(args.env_id, args.num_envs, seed, backend)
+    agent = Agent(envs.single_observation_space, envs.single_action_space)
+    flat_params = flatten_parameters(agent)
+    policy = agent.numpy_policy(np.random.default_rng(seed))
+    # Fused Adam: a third of the time of the default implementation on the CPU.
+    optimizer = torch.optim.Adam([flat_params], lr=args.learning_rate, eps=1e-5, fused=True)
     if checkpoint:
-        run_dir = os.path.dirname(os.path.abspath(args.resume))
+        load_agent(agent, checkpoint, "--resume")
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        run_dir = os.path.dirname(os.path.abspath(args.resume))  # the resumed run's curves go on in its folder
     else:
         run_dir = os.path.join(
             "runs", f"{args.env_id.replace(':', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
@@ -446,16 +454,6 @@ def main(args: Args) -> None:
     writer.add_text(
         "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
     )
-
-    envs = make_envs(args.env_id, args.num_envs, seed, backend)
-    agent = Agent(envs.single_observation_space, envs.single_action_space)
-    flat_params = flatten_parameters(agent)
-    policy = agent.numpy_policy(np.random.default_rng(seed))
-    # Fused Adam: a third of the time of the default implementation on the CPU.
-    optimizer = torch.optim.Adam([flat_params], lr=args.learning_rate, eps=1e-5, fused=True)
-    if checkpoint:
-        load_agent(agent, checkpoint, "--resume")
-        optimizer.load_state_dict(checkpoint["optimizer"])
 
     # Rollout storage, [num_steps, num_envs, ...]; actions as [.., components] category indices
     obs_shape = envs.single_observation_space.shape
@@ -607,4 +605,5 @@ if __name__ == "__main__":
     try:
         main(tyro.cli(Args))
     except UserError as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
