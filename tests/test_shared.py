@@ -1,0 +1,46 @@
+"""The scripts are copies by design; these helpers must stay identical wherever a script has them."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted(REPO.glob("ppo*.py"))
+SHARED = [
+    "UserError",
+    "gymnasium_has",
+    "choose_backend",
+    "layer_init",
+    "flatten_parameters",
+    "compute_gae",
+    "EpisodeTracker",
+    "save_checkpoint",
+    "load_checkpoint",
+]
+
+
+def top_level_sources(path: Path) -> dict:
+    source = path.read_text()
+    return {
+        node.name: ast.get_source_segment(source, node)
+        for node in ast.parse(source).body
+        if isinstance(node, ast.FunctionDef | ast.ClassDef)
+    }
+
+
+@pytest.mark.parametrize("name", SHARED)
+def test_shared_helper_is_identical(name):
+    sources = {path.name: top_level_sources(path) for path in SCRIPTS}
+    assert name in sources["ppo.py"], f"ppo.py, the reference, no longer defines {name}"
+    reference = sources["ppo.py"][name]
+    differing = [script for script, defs in sources.items() if name in defs and defs[name] != reference]
+    assert not differing, f"{name} differs from ppo.py's in {differing}: change them together"
+
+
+def test_no_script_imports_another():
+    for path in SCRIPTS:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                names = [alias.name for alias in node.names] + [getattr(node, "module", None) or ""]
+                assert not any(n.startswith("ppo") for n in names), f"{path.name} imports another script"
