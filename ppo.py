@@ -16,6 +16,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -95,6 +96,10 @@ class Args:
 class UserError(Exception):
     """A mistake in the input: printed as one line, exit status 2 (as for a bad flag), no traceback."""
 
+
+# Envpool warns that reset(seed=) is ignored (its envs are seeded in envpool.make, as make_envs does) and that its
+# spaces' float64 bounds become float32: neither applies to a user's run.
+warnings.filterwarnings("ignore", message=".*(EnvPool seeds are fixed|precision lowered by casting).*")
 
 # Envpool is faster than gymnasium's SyncVectorEnv from this many CartPoles on (2-core machine, see README).
 ENVPOOL_MIN_ENVS = 16
