@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# Reproduce the published learning curves: runs scripts x tasks x seeds, then writes a report (markdown tables and
+# PNG learning curves beside the published figures of benchmark/published.csv).
+#
+#   ./benchmark.sh --preset quick                      # ~20 min on 2 cores; says whether the scripts still learn
+#   ./benchmark.sh --preset classic --seeds 5 --workers 2
+#   ./benchmark.sh --preset mujoco --dry-run           # print the commands only
+#   ./benchmark.sh --preset classic -- --num-envs 8    # flags after -- go to every script
+#
+# Each run lives in OUT/PRESET/TASK/SCRIPT/seedN/ (its log, its runs/ folder, a `done` file with its wall time);
+# OUT/PRESET/TASK/SCRIPT/spec names the task, script, env id and steps for the report.
+# Finished runs are skipped when the benchmark is run again; a failed run is reported with its log and makes the
+# exit status non-zero once every run has ended.
+set -euo pipefail
+
+usage() {
+  sed -n '2,/^set /{/^#/s/^# \{0,1\}//p}' "$0"
+  echo "Options: --preset quick|classic|mujoco|atari|recurrent|mpi  --seeds N (3)  --workers N (1)"
+  echo "         --out DIR (benchmark/results)  --python PATH (.venv/bin/python)  --dry-run  -- FLAGS"
+}
+
+repo=$(cd "$(dirname "$0")" && pwd)
+preset="" seeds=3 workers=1 out="$repo/benchmark/results" dry_run=0 extra=()
+python="$repo/.venv/bin/python"
+[[ -x $python ]] || python=python3
+while (($#)); do
+  case $1 in
+    --preset) preset=$2; shift 2 ;;
+    --seeds) seeds=$2; shift 2 ;;
+    --workers) workers=$2; shift 2 ;;
+    --out) out=$2; shift 2 ;;
+    --python) python=$2; shift 2 ;;
+    --dry-run) dry_run=1; shift ;;
+    --) shift; extra=("$@"); break ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+[[ $seeds =~ ^[1-9][0-9]*$ ]] || { echo "error: --seeds $seeds must be a positive integer" >&2; exit 2; }
+[[ $workers =~ ^[1-9][0-9]*$ ]] || { echo "error: --workers $workers must be a positive integer" >&2; exit 2; }
+
+# One run spec per line: task | script | env id | total steps | MPI ranks (0: no mpiexec) | flags
+case $preset in
+  quick) specs="
+CartPole-v1|ppo.py|CartPole-v1|500000|0|
+Acrobot-v1|ppo.py|Acrobot-v1|500000|0|
+HalfCheetah-v4|ppo_continuous.py|HalfCheetah-v4|300000|0|
+CartPole-v1 velocity masked|ppo_lstm.py|CartPole-v1|100000|0|--mask-velocity
+CartPole-v1 velocity masked|ppo.py|CartPole-v1|100000|0|--mask-velocity" ;;
+  classic) specs="
+CartPole-v1|ppo.py|CartPole-v1|500000|0|
+Acrobot-v1|ppo.py|Acrobot-v1|500000|0|
+MountainCar-v0|ppo.py|MountainCar-v0|500000|0|" ;;
+  mujoco) specs="
+HalfCheetah-v4|ppo_continuous.py|HalfCheetah-v4|1000000|0|
+Hopper-v4|ppo_continuous.py|Hopper-v4|1000000|0|
+Walker2d-v4|ppo_continuous.py|Walker2d-v4|1000000|0|" ;;
+  atari) specs="
+Pong-v5|ppo_atari.py|Pong-v5|10000000|0|
+Breakout-v5|ppo_atari.py|Breakout-v5|10000000|0|
+BeamRider-v5|ppo_atari.py|BeamRider-v5|10000000|0|" ;;
+  recurrent) specs="
+CartPole-v1 velocity masked|ppo_lstm.py|CartPole-v1|100000|0|--mask-velocity
+CartPole-v1 velocity masked|ppo.py|CartPole-v1|100000|0|--mask-velocity
+Pendulum-v1 velocity masked|ppo_lstm.py|Pendulum-v1|100000|0|--mask-velocity
+Pendulum-v1 velocity masked|ppo_continuous.py|Pendulum-v1|100000|0|--mask-velocity" ;;
+  mpi) specs="
+CartPole-v1|ppo_mpi.py|CartPole-v1|500000|1|
+CartPole-v1|ppo_mpi.py|CartPole-v1|500000|2|
+CartPole-v1|ppo.py|CartPole-v1|500000|0|" ;;
+  "") echo "error: --preset is required (quick, classic, mujoco, atari, recurrent or mpi)" >&2; exit 2 ;;
+  *) echo "error: --preset $preset is unknown; pick quick, classic, mujoco, atari, recurrent or mpi" >&2; exit 2 ;;
+esac
+
+# run_one DIR CMD...: run CMD in DIR unless DIR holds a finished run; the wall time goes to DIR/done.
+run_one() {
+  local dir=$1; shift
+  local start=$SECONDS
+  rm -rf "$dir" && mkdir -p "$dir"
+  if (cd "$dir" && "$@" >log.txt 2>&1); then
+    echo $((SECONDS - start)) >"$dir/done"
+  else
+    echo "FAILED (exit $?): $* -- log: $dir/log.txt" >&2
+    touch "$dir/failed"
+    return 1
+  fi
+}
+
+failures=0
+# `wait -n` returns the status of the run that ended; a failure is counted, never swallowed.
+reap() { wait -n && return 0; failures=$((failures + 1)); }
+while IFS='|' read -r task script env steps ranks flags; do
+  [[ -n $task ]] || continue
+  label=$script
+  launch=("$python" "$repo/$script")
+  if ((ranks > 0)); then label="$script x$ranks" launch=(mpiexec -n "$ranks" "${launch[@]}"); fi
+  for seed in $(seq 1 "$seeds"); do
+    dir="$out/$preset/${task// /_}/${label// /_}/seed$seed"
+    # shellcheck disable=SC2086  # $flags holds several words on purpose
+    cmd=("${launch[@]}" --env-id "$env" --total-timesteps "$steps" --seed "$seed" --eval-episodes 0 $flags "${extra[@]}")
+    if ((dry_run)); then echo "(cd $dir && ${cmd[*]})"; continue; fi
+    if [[ -f $dir/done ]]; then echo "done already: $task, $label, seed $seed"; continue; fi
+    [[ -f $repo/$script ]] || { echo "FAILED: $script does not exist yet ($task, seed $seed)" >&2; failures=$((failures + 1)); continue; }
+    while (($(jobs -rp | wc -l) >= workers)); do reap; done
+    echo "start: $task, $label, seed $seed"
+    mkdir -p "$dir" && printf '%s\n' "$task" "$label" "$env" "$steps" >"$(dirname "$dir")/spec"
+    run_one "$dir" "${cmd[@]}" </dev/null &  # no stdin: mpiexec would swallow the rest of the specs
+  done
+done <<<"$specs"
+((dry_run)) && exit 0
+while (($(jobs -rp | wc -l) > 0)); do reap; done
+
+"$python" "$repo/benchmark/report.py" "$out/$preset"
+if ((failures)); then
+  echo "$failures run(s) failed: see the FAILED lines above" >&2
+  exit 1
+fi

@@ -1,0 +1,178 @@
+"""Benchmark report: one markdown table per preset and one PNG of learning curves per task.
+
+    python benchmark/report.py benchmark/results/quick
+
+It reads what benchmark.sh leaves in a preset folder: TASK/SCRIPT/spec (task, script, env id, steps) and
+TASK/SCRIPT/seedN/ holding `done` (wall seconds) or `failed`, log.txt and runs/*/events.out.tfevents.*.
+
+The final return of a run is the mean episodic return over its last 10% of episodes (at least one); a task's figure
+for a script is the mean ± std (over seeds, population std) of those finals. Steps/s is the run's own `charts/SPS`
+at its end (env steps over training wall time), averaged over seeds. The report goes to PRESET/report.md, the plots
+beside it.
+"""
+
+import argparse
+import csv
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+FINAL_FRACTION = 0.1
+PUBLISHED = Path(__file__).resolve().parent / "published.csv"
+
+
+def read_scalars(run_dir: Path) -> dict:
+    """{tag: [(step, value), ...]} over every TensorBoard event file under run_dir, in step order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars: dict = {}
+    for events in sorted(run_dir.rglob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})  # 0: keep every point, no sampling
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    return {tag: sorted(points) for tag, points in scalars.items()}
+
+
+def final_return(returns: list) -> float:
+    tail = max(1, math.ceil(FINAL_FRACTION * len(returns)))
+    return float(np.mean(returns[-tail:]))
+
+
+def load_runs(preset_dir: Path) -> list:
+    """One dict per (task, script, seed): status (done, failed, missing), wall time, return curve, SPS."""
+    runs = []
+    for spec in sorted(preset_dir.glob("*/*/spec")):
+        task, script, env_id, steps = spec.read_text().splitlines()[:4]
+        for seed_dir in sorted(spec.parent.glob("seed*")):
+            run = {"task": task, "script": script, "env_id": env_id, "steps": int(steps), "dir": seed_dir}
+            run["status"] = (
+                "done" if (seed_dir / "done").exists() else "failed" if (seed_dir / "failed").exists() else "missing"
+            )
+            if run["status"] == "done":
+                scalars = read_scalars(seed_dir)
+                run["wall"] = float((seed_dir / "done").read_text())
+                run["curve"] = scalars.get("charts/episodic_return", [])
+                run["sps"] = scalars["charts/SPS"][-1][1] if "charts/SPS" in scalars else float("nan")
+                if not run["curve"]:
+                    run["status"] = "no episodes"
+            runs.append(run)
+    return runs
+
+
+def load_published(path: Path = PUBLISHED) -> dict:
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    published: dict = {}
+    for row in rows:
+        published.setdefault(row["task"], []).append(row)
+    return published
+
+
+def summarise(runs: list) -> list:
+    """One row per (task, script): counts, final return mean ± std over the finished seeds, SPS, wall time."""
+    rows = []
+    for key in dict.fromkeys((r["task"], r["script"]) for r in runs):
+        group = [r for r in runs if (r["task"], r["script"]) == key]
+        done = [r for r in group if r["status"] == "done"]
+        finals = [final_return([v for _, v in r["curve"]]) for r in done]
+        rows.append(
+            {
+                "task": key[0],
+                "script": key[1],
+                "steps": group[0]["steps"],
+                "seeds": len(done),
+                "problems": [f"{r['dir'].name} {r['status']} ({r['dir'] / 'log.txt'})" for r in group if r not in done],
+                "mean": float(np.mean(finals)) if finals else float("nan"),
+                "std": float(np.std(finals)) if finals else float("nan"),
+                "sps": float(np.mean([r["sps"] for r in done])) if done else float("nan"),
+                "wall": float(np.mean([r["wall"] for r in done])) if done else float("nan"),
+            }
+        )
+    return rows
+
+
+def markdown(rows: list, published: dict, plots: dict) -> str:
+    lines = [
+        "| task | script | steps | seeds | final return (mean ± std) | steps/s | wall time | published |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        refs = "; ".join(
+            f"{p['mean']} ± {p['std']} ({p['source']}, {int(p['steps']):,} steps)"
+            for p in published.get(row["task"], [])
+        )
+        result = f"{row['mean']:.2f} ± {row['std']:.2f}" if row["seeds"] else "no finished run"
+        lines.append(
+            f"| {row['task']} | {row['script']} | {row['steps']:,} | {row['seeds']} | {result} | "
+            f"{row['sps']:,.0f} | {row['wall'] / 60:.1f} min | {refs or '-'} |"
+        )
+    problems = [f"- {row['task']}, {row['script']}: {p}" for row in rows for p in row["problems"]]
+    if problems:
+        lines += ["", "Runs that did not finish:", *problems]
+    lines += ["", *(f"![{task}]({name})" for task, name in plots.items())]
+    return "\n".join(lines) + "\n"
+
+
+def plot_task(task: str, runs: list, published: list, path: Path) -> None:
+    """Mean ± std band over seeds of each script's episodic return, on a common step grid, and the published lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
+    for script in dict.fromkeys(r["script"] for r in runs):
+        curves = [r["curve"] for r in runs if r["script"] == script and r["status"] == "done"]
+        if not curves:
+            continue
+        grid = np.linspace(0, max(r["steps"] for r in runs if r["script"] == script), 100)
+        smoothed = []
+        for curve in curves:
+            steps, values = np.array(curve).T
+            window = max(1, len(values) // 20)  # a running mean over 5% of the episodes
+            values = np.convolve(values, np.ones(window) / window, mode="valid")
+            steps = steps[window - 1 :]
+            smoothed.append(np.where((grid >= steps[0]) & (grid <= steps[-1]), np.interp(grid, steps, values), np.nan))
+        with warnings.catch_warnings():  # grid points that no seed reaches stay empty (NaN): expected
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean, std = np.nanmean(smoothed, axis=0), np.nanstd(smoothed, axis=0)
+        ax.plot(grid, mean, label=f"{script} ({len(curves)} seeds)")
+        ax.fill_between(grid, mean - std, mean + std, alpha=0.25)
+    for i, ref in enumerate(published):
+        ax.axhline(
+            float(ref["mean"]),
+            color=f"C{i + 3}",
+            linestyle="--",
+            linewidth=1,
+            label=f"{ref['source']} at {int(ref['steps']):,}",
+        )
+    ax.set(title=task, xlabel="environment steps", ylabel="episodic return")
+    ax.legend(fontsize=6, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("preset_dir", type=Path, help="a preset folder written by benchmark.sh")
+    preset_dir = parser.parse_args().preset_dir
+    if not preset_dir.is_dir():
+        parser.exit(2, f"error: {preset_dir} is not a folder written by benchmark.sh\n")
+    runs, published = load_runs(preset_dir), load_published()
+    if not runs:
+        parser.exit(2, f"error: {preset_dir} holds no runs (TASK/SCRIPT/spec files)\n")
+    plots = {}
+    for task in dict.fromkeys(r["task"] for r in runs):
+        plots[task] = f"{task.replace(' ', '_')}.png"
+        plot_task(task, [r for r in runs if r["task"] == task], published.get(task, []), preset_dir / plots[task])
+    report = markdown(summarise(runs), published, plots)
+    (preset_dir / "report.md").write_text(f"# Benchmark: {preset_dir.name}\n\n{report}")
+    print(report)
+
+
+if __name__ == "__main__":
+    main()
