@@ -1,0 +1,679 @@
+"""PPO for continuous actions (Box), e.g. MuJoCo: ppo.py with a Gaussian policy and running normalisation.
+
+A copy of ppo.py, the reference script of this project, changed for continuous actions: the policy is a diagonal
+Gaussian with a state-independent log-std, the sampled action is stored and trained on while the env gets it clipped
+to its bounds, observations are normalised by their running mean and std, and rewards are scaled by the running std of
+the discounted return (both statistics travel in the checkpoint). The defaults are the MuJoCo settings of the PPO paper
+and of CleanRL's ppo_continuous_action.py.
+
+Paper: Schulman et al. 2017, "Proximal Policy Optimization Algorithms", https://arxiv.org/abs/1707.06347
+Details: Huang et al. 2022, "The 37 Implementation Details of Proximal Policy Optimization", ICLR blog track.
+
+    python ppo_continuous.py                                       # HalfCheetah-v4, 1M steps
+    python ppo_continuous.py --env-id Pendulum-v1 --seed 2 --track # log to wandb as well
+    python ppo_continuous.py --eval-checkpoint runs/RUN/checkpoint.pt --capture-video
+"""
+
+import importlib
+import math
+import os
+import random
+import sys
+import time
+import warnings
+from collections import deque
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import envpool
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment, part of the run folder's name"""
+    seed: int = 1
+    """seed of random, numpy, torch and the environments"""
+    track: bool = False
+    """if toggled, log the run to Weights and Biases as well"""
+    wandb_project_name: str = "ppo"
+    """the wandb project name"""
+    wandb_entity: str | None = None
+    """the entity (team) of the wandb project"""
+    capture_video: bool = False
+    """if toggled, record videos of the evaluation episodes under the run folder (`videos/`)"""
+    save_interval: int = 0
+    """also write the checkpoint every this many iterations (0: only at the end of training)"""
+    eval_episodes: int = 10
+    """greedy-policy (mean action) episodes played after training and by --eval-checkpoint (0: no evaluation)"""
+    eval_checkpoint: str | None = None
+    """evaluate the checkpoint at this path with the greedy policy (mean action), then exit without training"""
+    resume: str | None = None
+    """continue the run of the checkpoint at this path (weights, optimizer, normalisation, global step, lr schedule)"""
+
+    # Algorithm specific arguments
+    env_id: str = "HalfCheetah-v4"
+    """the id of the environment: an envpool id, a gymnasium id, or `module:EnvId-v0` for your own"""
+    env_backend: Literal["auto", "envpool", "gymnasium"] = "auto"
+    """who steps the envs; auto takes the faster: gymnasium below 8 envs, envpool from 8 (measured)"""
+    total_timesteps: int = 1000000
+    """total environment steps of the experiment, all envs together"""
+    learning_rate: float = 3e-4
+    """the learning rate of the optimizer"""
+    num_envs: int = 1
+    """the number of parallel environments"""
+    num_steps: int = 2048
+    """the number of steps to run in each environment per policy rollout"""
+    anneal_lr: bool = True
+    """if toggled, the learning rate decays linearly to 0 over the run"""
+    gamma: float = 0.99
+    """the discount factor gamma (also of the return whose running std scales the rewards)"""
+    gae_lambda: float = 0.95
+    """the lambda of the general advantage estimation"""
+    num_minibatches: int = 32
+    """the number of minibatches per update epoch"""
+    update_epochs: int = 10
+    """the number of epochs over the rollout per update"""
+    norm_adv: bool = True
+    """if toggled, advantages are normalised per minibatch"""
+    clip_coef: float = 0.2
+    """the surrogate clipping coefficient"""
+    clip_vloss: bool = True
+    """if toggled, the value loss is clipped as in the PPO paper's code"""
+    ent_coef: float = 0.0
+    """the coefficient of the entropy bonus"""
+    vf_coef: float = 0.5
+    """the coefficient of the value loss"""
+    max_grad_norm: float = 0.5
+    """the maximum norm of the gradient (clipped above it)"""
+    target_kl: float | None = None
+    """stop the update epochs early once the approximate KL passes this (None: never)"""
+
+
+class UserError(Exception):
+    """A mistake in the input: printed as one line, exit status 2 (as for a bad flag), no traceback."""
+
+
+# Envpool warns that reset(seed=) is ignored (its envs are seeded in envpool.make, as make_envs does) and that its
+# spaces' float64 bounds become float32: neither applies to a user's run.
+warnings.filterwarnings("ignore", message=".*(EnvPool seeds are fixed|precision lowered by casting).*")
+
+# Envpool is faster than gymnasium's SyncVectorEnv from this many HalfCheetahs on (2-core machine; this script's
+# rollout in us per env step, gymnasium vs envpool: 1 env 170-200 vs 245-286, 4 envs 87-89 vs 87-107, 8 envs 76-84 vs
+# 56-67; random actions alone, steps/s: 1 env 16,800 vs 12,700, 4 envs 20,000 vs 21,700).
+ENVPOOL_MIN_ENVS = 8
+
+
+def validate_args(args: Args) -> None:
+    for flag in ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs"):
+        if getattr(args, flag) <= 0:
+            raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be positive")
+    if args.eval_episodes < 0 or args.save_interval < 0:
+        raise UserError("--eval-episodes and --save-interval must be 0 or more")
+    batch_size = args.num_envs * args.num_steps
+    if batch_size % args.num_minibatches or batch_size // args.num_minibatches < 2:
+        raise UserError(
+            f"--num-minibatches {args.num_minibatches} does not divide the batch of {batch_size} "
+            f"(--num-envs {args.num_envs} x --num-steps {args.num_steps}) into minibatches of 2 or more"
+        )
+    if args.total_timesteps < batch_size and not args.eval_checkpoint:
+        raise UserError(f"--total-timesteps {args.total_timesteps} is less than one batch of {batch_size} steps")
+    if not 0 <= args.gamma <= 1 or not 0 <= args.gae_lambda <= 1:
+        raise UserError("--gamma and --gae-lambda must lie in [0, 1]")
+    if args.eval_checkpoint and args.resume:
+        raise UserError("--eval-checkpoint and --resume exclude each other: pass one")
+
+
+def gymnasium_has(env_id: str) -> bool:
+    module, _, name = env_id.rpartition(":")
+    try:
+        if module:
+            importlib.import_module(module)  # gymnasium's `module:EnvId` syntax: the import registers the env
+        gym.spec(name)
+        return True
+    except ModuleNotFoundError as e:
+        raise UserError(f"--env-id {env_id}: cannot import module {module!r} ({e})") from None
+    except gym.error.Error:
+        return False
+
+
+def choose_backend(env_id: str, num_envs: int, backend: str) -> str:
+    """Check that the env id exists and pick who steps it; raises UserError for an unknown id."""
+    in_envpool, in_gymnasium = env_id in envpool.list_all_envs(), gymnasium_has(env_id)
+    if backend == "auto":
+        if not in_envpool and not in_gymnasium:
+            raise UserError(f"--env-id {env_id} is neither an envpool nor a gymnasium id (e.g. CartPole-v1)")
+        return "envpool" if in_envpool and (num_envs >= ENVPOOL_MIN_ENVS or not in_gymnasium) else "gymnasium"
+    if not (in_envpool if backend == "envpool" else in_gymnasium):
+        raise UserError(f"--env-id {env_id} is not a {backend} id; try --env-backend auto")
+    return backend
+
+
+def make_envs(env_id: str, num_envs: int, seed: int, backend: str, video_folder: str | None = None):
+    """Vector envs with next-step autoreset, whoever steps them: after a step that ends an episode, the next step
+    returns the first observation of the new episode with reward 0 and ignores its action."""
+    if backend == "envpool":
+        return envpool.make(env_id, env_type="gymnasium", num_envs=num_envs, seed=seed)
+
+    def make_env():
+        env = gym.make(env_id, **({"render_mode": "rgb_array"} if video_folder else {}))  # not every env takes it
+        if video_folder:
+            env = gym.wrappers.RecordVideo(env, video_folder, episode_trigger=lambda episode: True)
+        return env
+
+    return gym.vector.SyncVectorEnv([make_env] * num_envs, autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
+
+
+def to_env_action(action: np.ndarray, space: gym.spaces.Box) -> np.ndarray:
+    """[num_envs, action dims] Gaussian samples -> the env's action layout, clipped to its bounds. Only the env sees
+    the clipped action: the rollout stores and trains on the sample, whose log-probability the Gaussian gives."""
+    return np.clip(action.reshape(len(action), *space.shape), space.low, space.high)
+
+
+# log sqrt(2 pi), the constant of the Gaussian's log-density and entropy
+HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
+    torch.nn.init.orthogonal_(layer.weight, std)
+    torch.nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+class Agent(nn.Module):
+    def __init__(self, obs_space: gym.Space, act_space: gym.Space):
+        super().__init__()
+        # Box observations only: normalising them by their running statistics is part of the algorithm here.
+        if not isinstance(obs_space, gym.spaces.Box):
+            raise UserError(f"ppo_continuous.py handles Box observations, not {obs_space}")
+        if not isinstance(act_space, gym.spaces.Box):
+            discrete = (gym.spaces.Discrete, gym.spaces.MultiDiscrete, gym.spaces.MultiBinary)
+            hint = " (use ppo.py for these)" if isinstance(act_space, discrete) else ""
+            raise UserError(f"ppo_continuous.py handles Box actions, not {act_space}{hint}")
+        obs_dim, act_dim = int(np.prod(obs_space.shape)), int(np.prod(act_space.shape))
+        self.critic = nn.Sequential(
+            layer_init(nn.Linear(obs_dim, 64)),
+            nn.Tanh(),
+            layer_init(nn.Linear(64, 64)),
+            nn.Tanh(),
+            layer_init(nn.Linear(64, 1), std=1.0),
+        )
+        # The actor gives the Gaussian's mean; its log-std is one learned number per action dimension, independent of
+        # the state (PPO paper, CleanRL), starting at 0: std 1.
+        self.actor = nn.Sequential(
+            layer_init(nn.Linear(obs_dim, 64)),
+            nn.Tanh(),
+            layer_init(nn.Linear(64, 64)),
+            nn.Tanh(),
+            layer_init(nn.Linear(64, act_dim), std=0.01),
+        )
+        self.actor_logstd = nn.Parameter(torch.zeros(1, act_dim))
+
+    def get_value(self, x):
+        return self.critic(x.flatten(1)).squeeze(-1)
+
+    def numpy_policy(self, rng: np.random.Generator):
+        """The sampling policy of the rollout in NumPy, over views of the parameters' memory (no copy: it follows
+        every optimizer step). At a few envs a torch forward is ~25 ops of ~5 us dispatch each; this one takes 19 us a
+        call, torch 100 (one HalfCheetah env). Returns obs -> (action, logprob, value), as get_action_and_value."""
+        actor, critic = (
+            [(m.weight.detach().numpy().T, m.bias.detach().numpy()) if isinstance(m, nn.Linear) else m for m in net]
+            for net in (self.actor, self.critic)
+        )
+        logstd = self.actor_logstd.detach().numpy()
+
+        def forward(layers, x):
+            for layer in layers:
+                if isinstance(layer, tuple):
+                    x = x @ layer[0] + layer[1]
+                elif isinstance(layer, nn.Tanh):
+                    x = np.tanh(x)
+                else:
+                    raise NotImplementedError(f"numpy_policy: add {layer} to forward() to use it in the network")
+            return x
+
+        def policy(obs):
+            x = obs.reshape(len(obs), -1)
+            noise = rng.standard_normal((len(x), logstd.shape[-1]), dtype=np.float32)
+            action = forward(actor, x) + np.exp(logstd) * noise
+            # the Gaussian log-density at the sample, where (action - mean) / std is the noise, over all dimensions
+            logprob = (-0.5 * np.square(noise) - logstd - HALF_LOG_2PI).sum(-1)
+            return action, logprob, forward(critic, x)[:, 0]
+
+        return policy
+
+    def get_action_and_value(self, x, action=None, greedy=False):
+        # Gaussian maths written out: torch.distributions objects cost more than the network at this size.
+        x = x.flatten(1)
+        action_mean, action_std = self.actor(x), self.actor_logstd.exp()
+        if action is None:
+            action = action_mean if greedy else action_mean + action_std * torch.randn_like(action_mean)
+        logprob = (-0.5 * ((action - action_mean) / action_std).square() - self.actor_logstd - HALF_LOG_2PI).sum(-1)
+        entropy = (0.5 + HALF_LOG_2PI + self.actor_logstd).sum(-1).expand(len(x))
+        return action, logprob, entropy, self.critic(x).squeeze(-1)
+
+
+def flatten_parameters(module: nn.Module) -> nn.Parameter:
+    """Move all of module's parameters into one flat Parameter, and their gradients into its .grad: each parameter
+    and its .grad become views of these. The optimizer and gradient clipping then make one call instead of one per
+    tensor; on the CPU that per-tensor overhead outweighs their maths for a small MLP (update 13% faster). Zero the
+    gradient in place (`zero_grad(set_to_none=False)`): setting it to None would cut the views loose."""
+    params = list(module.parameters())
+    flat = nn.Parameter(torch.cat([p.detach().reshape(-1) for p in params]))
+    flat.grad = torch.zeros_like(flat)
+    offset = 0
+    for p in params:
+        p.data = flat.data[offset : offset + p.numel()].view_as(p)
+        p.grad = flat.grad[offset : offset + p.numel()].view_as(p)
+        offset += p.numel()
+    return flat
+
+
+def compute_gae(rewards, values, terminations, truncations, resets, next_value, gamma, gae_lambda):
+    """Generalised advantage estimation over a [num_steps, num_envs] rollout, under next-step autoreset.
+
+    Step t is the transition obs[t] -> obs[t + 1] with reward[t]. When it ends an episode, obs[t + 1] is the real
+    final observation, so values[t + 1] (or next_value after the last step) is its value: a truncated episode is
+    bootstrapped from it, a terminated one is not. The step after (resets[t + 1]) only resets the env: it is not a
+    transition, gets advantage 0 and is cut out of the recursion. Returns (advantages, returns).
+    """
+    num_steps = len(rewards)
+    advantages = np.zeros_like(rewards)
+    lastgaelam = np.zeros_like(next_value)
+    for t in reversed(range(num_steps)):
+        nextvalues = next_value if t == num_steps - 1 else values[t + 1]
+        delta = rewards[t] + gamma * nextvalues * ~terminations[t] - values[t]
+        lastgaelam = delta + gamma * gae_lambda * ~(terminations[t] | truncations[t]) * lastgaelam
+        lastgaelam = lastgaelam * ~resets[t]
+        advantages[t] = lastgaelam
+    return advantages, advantages + values
+
+
+class EpisodeTracker:
+    """Real return and length of each env's current episode. The reset step of next-step autoreset belongs to
+    neither episode; `reset` tells which envs' next step is one."""
+
+    def __init__(self, num_envs: int):
+        self.returns = np.zeros(num_envs)
+        self.lengths = np.zeros(num_envs, dtype=np.int64)
+        self.reset = np.zeros(num_envs, dtype=bool)
+
+    def step(self, reward, terminated, truncated) -> list:
+        """Account one vector step; returns (return, length) of each episode that it ended."""
+        self.returns += reward
+        self.lengths += 1
+        if self.reset.any():
+            self.returns[self.reset] = 0
+            self.lengths[self.reset] = 0
+        self.reset = terminated | truncated
+        return (
+            list(zip(self.returns[self.reset].tolist(), self.lengths[self.reset].tolist())) if self.reset.any() else []
+        )
+
+
+class RunningMeanStd:
+    """Mean and variance of every batch passed to update(), merged batch by batch with Chan et al.'s parallel
+    algorithm (as baselines' VecNormalize). The count starts at a tiny epsilon, as there, so that the empty start
+    (mean 0, var 1) weighs nothing yet no division is by zero."""
+
+    def __init__(self, shape=(), epsilon=1e-4):
+        self.mean, self.var, self.count = np.zeros(shape), np.ones(shape), epsilon
+
+    def update(self, x: np.ndarray) -> None:
+        """Merge in a batch x of shape [n, *shape]; an empty batch changes nothing."""
+        if len(x):
+            # the batch's mean and variance from sums: the numbers of x.mean(0) and x.var(0) in half their time
+            batch_mean = x.sum(0) / len(x)
+            self.merge(batch_mean, np.square(x - batch_mean).sum(0) / len(x), len(x))
+
+    def merge(self, mean, var, count) -> None:
+        delta, total = mean - self.mean, self.count + count
+        self.mean = self.mean + delta * (count / total)
+        self.var = (self.var * self.count + var * count + np.square(delta) * (self.count * count / total)) / total
+        self.count = total
+
+    def state_dict(self) -> dict:
+        """Plain tensors and a float, so that torch.load(weights_only=True) reads them."""
+        return {
+            "mean": torch.from_numpy(np.array(self.mean)),
+            "var": torch.from_numpy(np.array(self.var)),
+            "count": self.count,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mean, self.var, self.count = state["mean"].numpy(), state["var"].numpy(), float(state["count"])
+
+
+class ObsNormalizer(RunningMeanStd):
+    """Observations -> (obs - mean) / std over every observation seen so far, clipped to +-clip (baselines'
+    VecNormalize, CleanRL's NormalizeObservation), as float32. update=False freezes the statistics (evaluation)."""
+
+    def __init__(self, shape, clip=10.0, epsilon=1e-8):
+        super().__init__(shape)
+        self.clip, self.epsilon = clip, epsilon
+
+    def __call__(self, obs: np.ndarray, update: bool = True) -> np.ndarray:
+        if update:
+            self.update(obs)
+        return ((obs - self.mean) / np.sqrt(self.var + self.epsilon)).clip(-self.clip, self.clip).astype(np.float32)
+
+
+class ReturnScaler(RunningMeanStd):
+    """Rewards -> reward / std of the discounted return, clipped to +-clip (baselines' VecNormalize, CleanRL's
+    NormalizeReward): a scale for the losses only; episode returns are logged from the real rewards. Under next-step
+    autoreset the reset step is no transition: it restarts its env's discounted return and is left out of the
+    statistics."""
+
+    def __init__(self, num_envs, gamma, clip=10.0, epsilon=1e-8):
+        super().__init__()
+        self.returns, self.gamma, self.clip, self.epsilon = np.zeros(num_envs), gamma, clip, epsilon
+
+    def __call__(self, reward: np.ndarray, reset: np.ndarray) -> np.ndarray:
+        """reward of one vector step; reset: which envs' step was the reset step."""
+        self.returns = (self.returns * self.gamma + reward) * ~reset
+        self.update(self.returns[~reset])
+        return (reward / np.sqrt(self.var + self.epsilon)).clip(-self.clip, self.clip).astype(np.float32)
+
+
+def evaluate(agent: Agent, obs_norm: ObsNormalizer, envs, num_episodes: int, seed: int) -> list:
+    """Real episodic returns of num_episodes played with the greedy policy (the mean action), the observations
+    normalised by the training statistics, frozen."""
+    next_obs, _ = envs.reset(seed=seed)
+    tracker, returns = EpisodeTracker(envs.num_envs), []
+    while len(returns) < num_episodes:
+        with torch.no_grad():
+            x = torch.from_numpy(obs_norm(next_obs, update=False))
+            action, *_ = agent.get_action_and_value(x, greedy=True)
+        next_obs, reward, terminated, truncated, _ = envs.step(to_env_action(action.numpy(), envs.single_action_space))
+        returns += [episode_return for episode_return, _ in tracker.step(reward, terminated, truncated)]
+    return returns[:num_episodes]
+
+
+def run_evaluation(
+    agent: Agent, obs_norm: ObsNormalizer, args: Args, backend: str, seed: int, video_folder: str | None
+) -> list:
+    """Evaluate on a fresh env (rendered by gymnasium when recording videos) and print mean ± std."""
+    envs = make_envs(args.env_id, 1, seed, "gymnasium" if video_folder else backend, video_folder)
+    returns = evaluate(agent, obs_norm, envs, args.eval_episodes, seed)
+    envs.close()
+    print(f"eval {args.env_id}: {np.mean(returns):.2f} ± {np.std(returns):.2f} over {len(returns)} greedy episodes")
+    return returns
+
+
+def save_checkpoint(path: str, checkpoint: dict) -> None:
+    """Write atomically: a crash mid-write leaves the previous checkpoint whole."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(checkpoint, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, flag: str, script: str) -> dict:
+    """Read a checkpoint as data (weights_only: no code runs); raises UserError naming the flag if it is unusable."""
+    if not os.path.isfile(path):
+        raise UserError(f"{flag} {path}: no such file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(
+            f"{flag} {path} is not a readable checkpoint ({type(e).__name__}); pass one from {script}"
+        ) from None
+    if not isinstance(checkpoint, dict) or not {"script", "args", "global_step", "model"} <= checkpoint.keys():
+        raise UserError(f"{flag} {path} is not a checkpoint of this project; pass one written by {script}")
+    if checkpoint["script"] != script:
+        raise UserError(f"{flag} {path} was written by {checkpoint['script']}; load it with that script, not {script}")
+    return checkpoint
+
+
+def load_agent(agent: Agent, checkpoint: dict, flag: str) -> None:
+    try:
+        agent.load_state_dict(checkpoint["model"])
+    except (KeyError, RuntimeError):
+        raise UserError(
+            f"{flag}: the checkpoint's network does not fit {checkpoint['args']['env_id']}'s spaces"
+        ) from None
+
+
+def main(args: Args) -> None:
+    script = os.path.basename(__file__)
+    validate_args(args)
+    checkpoint = None
+    if args.eval_checkpoint or args.resume:
+        flag = "--eval-checkpoint" if args.eval_checkpoint else "--resume"
+        checkpoint = load_checkpoint(args.eval_checkpoint or args.resume, flag, script)
+        if args.eval_checkpoint:
+            args.env_id = checkpoint["args"]["env_id"]
+        elif checkpoint["args"]["env_id"] != args.env_id:
+            raise UserError(f"--resume: the checkpoint trained on {checkpoint['args']['env_id']}; pass that --env-id")
+    backend = choose_backend(args.env_id, args.num_envs, args.env_backend)
+    if args.capture_video and args.eval_episodes and not gymnasium_has(args.env_id):
+        raise UserError(f"--capture-video: videos are rendered by gymnasium, which has no env {args.env_id}")
+    if args.capture_video and sys.platform == "linux" and not os.environ.get("DISPLAY"):
+        os.environ.setdefault("MUJOCO_GL", "egl")  # MuJoCo renders through a window (GLFW) by default: none here
+    # It runs on the CPU, in one thread: at a 64x64 MLP's sizes a GPU's launch latency and a second CPU thread's
+    # synchronisation both cost more than they bring (one thread: a 14% faster update on 2 cores, README Speed).
+    torch.set_num_threads(1)
+
+    if args.eval_checkpoint:
+        envs = make_envs(args.env_id, 1, args.seed, backend)
+        agent = Agent(envs.single_observation_space, envs.single_action_space)
+        envs.close()
+        load_agent(agent, checkpoint, "--eval-checkpoint")
+        obs_norm = ObsNormalizer(envs.single_observation_space.shape)
+        obs_norm.load_state_dict(checkpoint["obs_rms"])
+        video_folder = os.path.join(os.path.dirname(args.eval_checkpoint), "videos") if args.capture_video else None
+        run_evaluation(agent, obs_norm, args, backend, args.seed, video_folder)
+        return
+
+    batch_size = args.num_envs * args.num_steps
+    num_iterations = args.total_timesteps // batch_size
+    global_step = checkpoint["global_step"] if checkpoint else 0
+    start_iteration = global_step // batch_size + 1
+    if start_iteration > num_iterations:
+        raise UserError(f"--resume: the checkpoint is at step {global_step:,} already; raise --total-timesteps")
+    # A resumed run reseeds from the step it resumes at, so it does not replay the episodes of its start.
+    seed = args.seed + global_step
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+    envs = make_envs(args.env_id, args.num_envs, seed, backend)
+    agent = Agent(envs.single_observation_space, envs.single_action_space)
+    flat_params = flatten_parameters(agent)
+    policy = agent.numpy_policy(np.random.default_rng(seed))
+    # Fused Adam: a third of the time of the default implementation on the CPU.
+    optimizer = torch.optim.Adam([flat_params], lr=args.learning_rate, eps=1e-5, fused=True)
+    obs_norm = ObsNormalizer(envs.single_observation_space.shape)
+    return_scaler = ReturnScaler(args.num_envs, args.gamma)
+    if checkpoint:
+        load_agent(agent, checkpoint, "--resume")
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        obs_norm.load_state_dict(checkpoint["obs_rms"])
+        return_scaler.load_state_dict(checkpoint["return_rms"])
+        run_dir = os.path.dirname(os.path.abspath(args.resume))  # the resumed run's curves go on in its folder
+    else:
+        run_dir = os.path.join(
+            "runs", f"{args.env_id.replace(':', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        )
+    os.makedirs(run_dir, exist_ok=True)
+    if args.track:
+        import wandb
+
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            sync_tensorboard=True,
+            config=asdict(args),
+            name=os.path.basename(run_dir),
+            dir=run_dir,
+            save_code=True,
+        )
+    writer = SummaryWriter(run_dir)
+    writer.add_text(
+        "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
+    )
+
+    # Rollout storage, [num_steps, num_envs, ...]: normalised observations (what the networks saw), scaled rewards,
+    # actions as the Gaussian's unclipped samples, flat
+    obs_shape = envs.single_observation_space.shape
+    obs = np.zeros((args.num_steps, args.num_envs, *obs_shape), dtype=np.float32)
+    actions = np.zeros((args.num_steps, args.num_envs, agent.actor_logstd.shape[-1]), dtype=np.float32)
+    logprobs = np.zeros((args.num_steps, args.num_envs), dtype=np.float32)
+    rewards = np.zeros((args.num_steps, args.num_envs), dtype=np.float32)
+    values = np.zeros((args.num_steps, args.num_envs), dtype=np.float32)
+    terminations = np.zeros((args.num_steps, args.num_envs), dtype=bool)
+    truncations = np.zeros((args.num_steps, args.num_envs), dtype=bool)
+    resets = np.zeros((args.num_steps, args.num_envs), dtype=bool)
+
+    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
+    tracker, recent_returns = EpisodeTracker(args.num_envs), deque(maxlen=100)
+    interactive, last_print = sys.stdout.isatty(), 0.0
+    next_obs = obs_norm(envs.reset(seed=seed)[0])
+    start_time, start_step = time.time(), global_step
+
+    for iteration in range(start_iteration, num_iterations + 1):
+        if args.anneal_lr:
+            frac = 1.0 - (iteration - 1.0) / num_iterations
+            optimizer.param_groups[0]["lr"] = frac * args.learning_rate
+
+        for step in range(args.num_steps):
+            global_step += args.num_envs
+            obs[step] = next_obs
+            resets[step] = tracker.reset
+            actions[step], logprobs[step], values[step] = policy(obs[step])
+
+            next_obs, reward, terminations[step], truncations[step], _ = envs.step(
+                to_env_action(actions[step], envs.single_action_space)
+            )
+            next_obs = obs_norm(next_obs)
+            rewards[step] = return_scaler(reward, resets[step])
+            for episode_return, episode_length in tracker.step(reward, terminations[step], truncations[step]):
+                recent_returns.append(episode_return)
+                writer.add_scalar("charts/episodic_return", episode_return, global_step)
+                writer.add_scalar("charts/episodic_length", episode_length, global_step)
+
+        with torch.no_grad():
+            next_value = agent.get_value(torch.as_tensor(next_obs, dtype=torch.float32)).numpy()
+        advantages, returns = compute_gae(
+            rewards, values, terminations, truncations, resets, next_value, args.gamma, args.gae_lambda
+        )
+
+        # Train only on real transitions: the reset steps of next-step autoreset are left out of the batch.
+        transition = ~resets.reshape(-1)
+        b_obs = torch.from_numpy(obs.reshape(-1, *obs_shape)[transition])
+        b_actions = torch.from_numpy(actions.reshape(-1, actions.shape[-1])[transition])
+        b_logprobs, b_advantages, b_returns, b_values = (
+            torch.from_numpy(x.reshape(-1)[transition]) for x in (logprobs, advantages, returns, values)
+        )
+
+        stats, num_updates = torch.zeros(6), 0
+        for epoch in range(args.update_epochs):
+            for mb_inds in torch.randperm(len(b_obs)).tensor_split(args.num_minibatches):
+                _, newlogprob, entropy, newvalue = agent.get_action_and_value(b_obs[mb_inds], b_actions[mb_inds])
+                logratio = newlogprob - b_logprobs[mb_inds]
+                ratio = logratio.exp()
+
+                with torch.no_grad():
+                    # calculate approx_kl http://joschu.net/blog/kl-approx.html
+                    old_approx_kl = (-logratio).mean()
+                    approx_kl = ((ratio - 1) - logratio).mean()
+                    clipfrac = ((ratio - 1.0).abs() > args.clip_coef).float().mean()
+
+                mb_advantages = b_advantages[mb_inds]
+                if args.norm_adv:
+                    mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
+
+                # Policy loss
+                pg_loss1 = -mb_advantages * ratio
+                pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
+                pg_loss = torch.max(pg_loss1, pg_loss2).mean()
+
+                # Value loss
+                if args.clip_vloss:
+                    v_loss_unclipped = (newvalue - b_returns[mb_inds]) ** 2
+                    v_clipped = b_values[mb_inds] + torch.clamp(
+                        newvalue - b_values[mb_inds], -args.clip_coef, args.clip_coef
+                    )
+                    v_loss_clipped = (v_clipped - b_returns[mb_inds]) ** 2
+                    v_loss = 0.5 * torch.max(v_loss_unclipped, v_loss_clipped).mean()
+                else:
+                    v_loss = 0.5 * ((newvalue - b_returns[mb_inds]) ** 2).mean()
+
+                entropy_loss = entropy.mean()
+                loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
+
+                optimizer.zero_grad(set_to_none=False)
+                loss.backward()
+                nn.utils.clip_grad_norm_(flat_params, args.max_grad_norm)
+                optimizer.step()
+                stats += torch.stack([pg_loss, v_loss, entropy_loss, old_approx_kl, approx_kl, clipfrac]).detach()
+                num_updates += 1
+
+            if args.target_kl is not None and approx_kl > args.target_kl:
+                break
+
+        # Losses are averaged over every minibatch of the iteration, not taken from the last one.
+        stats = (stats / num_updates).tolist()
+        y_pred, y_true = b_values.numpy(), b_returns.numpy()
+        var_y = np.var(y_true)
+        explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
+        sps = (global_step - start_step) / (time.time() - start_time)
+        writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+        for key, value in zip(
+            ("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac"), stats
+        ):
+            writer.add_scalar(f"losses/{key}", value, global_step)
+        writer.add_scalar("losses/explained_variance", explained_var, global_step)
+        writer.add_scalar("charts/SPS", int(sps), global_step)
+
+        if args.save_interval and iteration % args.save_interval == 0 or iteration == num_iterations:
+            save_checkpoint(
+                checkpoint_path,
+                {
+                    "script": script,
+                    "args": asdict(args),
+                    "global_step": global_step,
+                    "model": agent.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "obs_rms": obs_norm.state_dict(),
+                    "return_rms": return_scaler.state_dict(),
+                },
+            )
+        # Progress: one line redrawn in place on a terminal, a plain line every 10 s in a log file.
+        if time.time() - last_print >= (0.5 if interactive else 10.0) or iteration == num_iterations:
+            ret = f"{np.mean(recent_returns):.1f} (last {len(recent_returns)} episodes)" if recent_returns else "n/a"
+            line = f"{global_step:,}/{args.total_timesteps:,} steps | {sps:,.0f} SPS | return {ret}"
+            print(f"\r{line}\033[K" if interactive else line, end="" if interactive else "\n", flush=True)
+            last_print = time.time()
+
+    envs.close()
+    mean_return = f"{np.mean(recent_returns):.2f}" if recent_returns else "n/a"
+    print(
+        ("\n" if interactive else "")
+        + f"done: {global_step:,} steps in {time.time() - start_time:.1f} s ({sps:,.0f} SPS); "
+        f"mean return of the last {len(recent_returns)} episodes {mean_return}; checkpoint {checkpoint_path}"
+    )
+
+    if args.eval_episodes:
+        video_folder = os.path.join(run_dir, "videos") if args.capture_video else None
+        eval_returns = run_evaluation(agent, obs_norm, args, backend, seed, video_folder)
+        writer.add_scalar("eval/episodic_return", np.mean(eval_returns), global_step)
+    writer.close()
+    if args.track:
+        wandb.finish()
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
