@@ -78,5 +78,27 @@ class DictObsToy(gym.Env):
         return self.observation_space.sample(), 0.0, False, False, {}
 
 
-for _cls in (MultiDiscreteToy, MultiBinaryToy, OffsetDiscreteToy, DictObsToy):
+class BoxActionToy(gym.Env):
+    """Continuous actions in a 2-D layout with unequal bounds, 2-D observations. Reward: minus the distance of the
+    action from a target, which the observation gives."""
+
+    observation_space = gym.spaces.Box(-1.0, 1.0, (2, 2), np.float32)
+    action_space = gym.spaces.Box(np.array([[-1, 0], [2, -5]], np.float32), np.array([[1, 0.5], [3, 5]], np.float32))
+
+    def _obs(self):
+        self.target = self.np_random.uniform(self.action_space.low, self.action_space.high).astype(np.float32)
+        scale = (self.action_space.high - self.action_space.low) / 2
+        return ((self.target - self.action_space.low) / scale - 1).astype(np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return self._obs(), {}
+
+    def step(self, action):
+        assert self.action_space.contains(np.asarray(action, dtype=self.action_space.dtype)), action
+        reward = -float(np.abs(np.asarray(action) - self.target).sum())
+        return self._obs(), reward, False, False, {}
+
+
+for _cls in (MultiDiscreteToy, MultiBinaryToy, OffsetDiscreteToy, DictObsToy, BoxActionToy):
     gym.register(id=f"{_cls.__name__}-v0", entry_point=f"{__name__}:{_cls.__name__}", max_episode_steps=16)
