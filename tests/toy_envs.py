@@ -102,3 +102,73 @@ class BoxActionToy(gym.Env):
 
 for _cls in (MultiDiscreteToy, MultiBinaryToy, OffsetDiscreteToy, DictObsToy, BoxActionToy):
     gym.register(id=f"{_cls.__name__}-v0", entry_point=f"{__name__}:{_cls.__name__}", max_episode_steps=16)
+
+
+# ---------------------------------------------------------------- for ppo_lstm.py: images, Dicts with images, memory
+
+
+class ImageObsToy(gym.Env):
+    """Image observations (uint8, channels last, the Nature CNN's smallest size, 36x36): the lit half of the image
+    shows which of two actions pays 1. Episodes truncate after 16 steps."""
+
+    observation_space = gym.spaces.Box(0, 255, (36, 36, 3), np.uint8)
+    action_space = gym.spaces.Discrete(2)
+
+    def _obs(self):
+        self.target = int(self.np_random.integers(2))
+        image = np.zeros((36, 36, 3), np.uint8)
+        image[:, 18 * self.target : 18 * (self.target + 1)] = 255
+        return image
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return self._obs(), {}
+
+    def step(self, action):
+        assert self.action_space.contains(action), action
+        reward = float(action == self.target)
+        return self._obs(), reward, False, False, {}
+
+
+class DictImageToy(ImageObsToy):
+    """ImageObsToy's image in a Dict, beside a vector and a Discrete entry."""
+
+    observation_space = gym.spaces.Dict(
+        {
+            "image": ImageObsToy.observation_space,
+            "position": gym.spaces.Box(-1, 1, (2,)),
+            "mode": gym.spaces.Discrete(3),
+        }
+    )
+
+    def _obs(self):
+        position = self.np_random.uniform(-1, 1, 2).astype(np.float32)
+        return {"image": super()._obs(), "position": position, "mode": int(self.np_random.integers(3))}
+
+
+class CueRecallToy(gym.Env):
+    """A task that needs memory. The first observation shows a cue (one of two), the next DELAY observations are
+    blank, the last asks for the cue: the action then earns +1 if it names the cue, -1 if not (0 on every other step)
+    and the episode terminates. The query looks the same whatever the cue, so a policy without memory is right half
+    the time at best: its expected return is 0, that of a policy that remembers the cue 1."""
+
+    DELAY = 6
+    observation_space = gym.spaces.Box(0.0, 1.0, (3,), np.float32)  # [cue 0, cue 1, query]
+    action_space = gym.spaces.Discrete(2)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.cue, self.t = int(self.np_random.integers(2)), 0
+        return np.eye(3, dtype=np.float32)[self.cue], {}
+
+    def step(self, action):
+        assert self.action_space.contains(action), action
+        self.t += 1
+        if self.t <= self.DELAY:
+            obs = np.eye(3, dtype=np.float32)[2] if self.t == self.DELAY else np.zeros(3, np.float32)
+            return obs, 0.0, False, False, {}
+        return np.zeros(3, np.float32), 1.0 if action == self.cue else -1.0, True, False, {}
+
+
+for _cls in (ImageObsToy, DictImageToy, CueRecallToy):
+    gym.register(id=f"{_cls.__name__}-v0", entry_point=f"{__name__}:{_cls.__name__}", max_episode_steps=16)

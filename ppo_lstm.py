@@ -1,0 +1,868 @@
+"""Recurrent PPO for any environment: ppo.py with an LSTM policy.
+
+A copy of ppo.py, the reference script of this project, with a memory: an encoder chosen from the observation space
+(an MLP for vectors, the Nature CNN for images, one of these per key of a Dict), then an LSTM, then the actor and
+critic heads (categorical for Discrete, MultiDiscrete and MultiBinary actions, Gaussian for Box actions). The LSTM
+state is carried through the rollout and restarts at each episode's first observation; the training pass replays whole
+env sequences from the state at the start of the rollout, so a minibatch is a set of whole envs. `--mask-velocity`
+hides the velocities of the classic control tasks, which then need the memory. The defaults are CleanRL's
+classic-control settings with a 128-unit LSTM (CleanRL's ppo_atari_lstm.py).
+
+Paper: Schulman et al. 2017, "Proximal Policy Optimization Algorithms", https://arxiv.org/abs/1707.06347
+Details: Huang et al. 2022, "The 37 Implementation Details of Proximal Policy Optimization", ICLR blog track.
+
+    python ppo_lstm.py --env-id CartPole-v1 --mask-velocity        # partially observable CartPole, 500k steps
+    python ppo_lstm.py --env-id Breakout-v5 --num-envs 8 --clip-coef 0.1 --total-timesteps 10000000
+    python ppo_lstm.py --env-id Pendulum-v1 --mask-velocity --norm-obs --norm-reward --ent-coef 0
+    python ppo_lstm.py --eval-checkpoint runs/RUN/checkpoint.pt --capture-video
+"""
+
+import importlib
+import math
+import os
+import random
+import sys
+import time
+import warnings
+from collections import deque
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import envpool
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment, part of the run folder's name"""
+    seed: int = 1
+    """seed of random, numpy, torch and the environments"""
+    track: bool = False
+    """if toggled, log the run to Weights and Biases as well"""
+    wandb_project_name: str = "ppo"
+    """the wandb project name"""
+    wandb_entity: str | None = None
+    """the entity (team) of the wandb project"""
+    capture_video: bool = False
+    """if toggled, record videos of the evaluation episodes under the run folder (`videos/`)"""
+    save_interval: int = 0
+    """also write the checkpoint every this many iterations (0: only at the end of training)"""
+    eval_episodes: int = 10
+    """greedy-policy episodes played after training and by --eval-checkpoint (0: no evaluation)"""
+    eval_checkpoint: str | None = None
+    """evaluate the checkpoint at this path with the greedy policy, then exit without training"""
+    resume: str | None = None
+    """continue the run of the checkpoint at this path (weights, optimizer, step, lr schedule, LSTM, obs flags)"""
+
+    # Algorithm specific arguments
+    env_id: str = "CartPole-v1"
+    """the id of the environment: an envpool id, a gymnasium id, or `module:EnvId-v0` for your own"""
+    env_backend: Literal["auto", "envpool", "gymnasium"] = "auto"
+    """who steps the envs; auto takes the faster: gymnasium below 16 envs, envpool from 16 (measured)"""
+    total_timesteps: int = 500000
+    """total environment steps of the experiment, all envs together"""
+    learning_rate: float = 2.5e-4
+    """the learning rate of the optimizer"""
+    num_envs: int = 4
+    """the number of parallel environments"""
+    num_steps: int = 128
+    """the number of steps to run in each environment per policy rollout"""
+    anneal_lr: bool = True
+    """if toggled, the learning rate decays linearly to 0 over the run"""
+    gamma: float = 0.99
+    """the discount factor gamma"""
+    gae_lambda: float = 0.95
+    """the lambda of the general advantage estimation"""
+    num_minibatches: int = 4
+    """the number of minibatches per update epoch; each holds the whole sequences of --num-envs / this many envs"""
+    update_epochs: int = 4
+    """the number of epochs over the rollout per update"""
+    norm_adv: bool = True
+    """if toggled, advantages are normalised per minibatch"""
+    clip_coef: float = 0.2
+    """the surrogate clipping coefficient"""
+    clip_vloss: bool = True
+    """if toggled, the value loss is clipped as in the PPO paper's code"""
+    ent_coef: float = 0.01
+    """the coefficient of the entropy bonus"""
+    vf_coef: float = 0.5
+    """the coefficient of the value loss"""
+    max_grad_norm: float = 0.5
+    """the maximum norm of the gradient (clipped above it)"""
+    target_kl: float | None = None
+    """stop the update epochs early once the approximate KL passes this (None: never)"""
+    lstm_hidden_size: int = 128
+    """the number of units of the LSTM (its hidden and cell state)"""
+    lstm_num_layers: int = 1
+    """the number of stacked LSTM layers"""
+    mask_velocity: bool = False
+    """if toggled, zero the velocities observed in CartPole, Pendulum, Acrobot, MountainCar(Continuous), LunarLander"""
+    norm_obs: bool = False
+    """if toggled, normalise Box observations by their running mean and std (continuous tasks: ppo_continuous.py)"""
+    norm_reward: bool = False
+    """if toggled, scale rewards by the running std of the discounted return (continuous tasks: ppo_continuous.py)"""
+
+
+class UserError(Exception):
+    """A mistake in the input: printed as one line, exit status 2 (as for a bad flag), no traceback."""
+
+
+# Envpool warns that reset(seed=) is ignored (its envs are seeded in envpool.make, as make_envs does) and that its
+# spaces' float64 bounds become float32: neither applies to a user's run.
+warnings.filterwarnings("ignore", message=".*(EnvPool seeds are fixed|precision lowered by casting).*")
+
+# Envpool is faster than gymnasium's SyncVectorEnv from this many CartPoles on (2-core machine, see README).
+ENVPOOL_MIN_ENVS = 16
+
+# The velocity entries of the classic control observations, by env name, as RL Zoo's velocity-masked `*NoVel` envs:
+# CartPole's cart and pole, Pendulum's and Acrobot's angular ones, MountainCar's, LunarLander's x, y and angular one.
+VELOCITY_ENTRIES = {"CartPole": [1, 3], "Pendulum": [2], "Acrobot": [4, 5], "MountainCar": [1]}
+VELOCITY_ENTRIES |= {"MountainCarContinuous": [1], "LunarLander": [2, 3, 5], "LunarLanderContinuous": [2, 3, 5]}
+
+
+def env_name(env_id: str) -> str:
+    """`module:ns/CartPole-v1` -> `CartPole`"""
+    return env_id.rpartition(":")[2].rpartition("/")[2].rsplit("-v", 1)[0]
+
+
+def validate_args(args: Args) -> None:
+    positive = ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "lstm_hidden_size")
+    for flag in (*positive, "lstm_num_layers"):
+        if getattr(args, flag) <= 0:
+            raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be positive")
+    if args.eval_episodes < 0 or args.save_interval < 0:
+        raise UserError("--eval-episodes and --save-interval must be 0 or more")
+    batch_size = args.num_envs * args.num_steps
+    if args.num_envs % args.num_minibatches:
+        raise UserError(
+            f"--num-minibatches {args.num_minibatches} does not divide --num-envs {args.num_envs}: "
+            "a minibatch holds the whole sequences of some envs"
+        )
+    if args.total_timesteps < batch_size and not args.eval_checkpoint:
+        raise UserError(f"--total-timesteps {args.total_timesteps} is less than one batch of {batch_size} steps")
+    if not 0 <= args.gamma <= 1 or not 0 <= args.gae_lambda <= 1:
+        raise UserError("--gamma and --gae-lambda must lie in [0, 1]")
+    if args.eval_checkpoint and args.resume:
+        raise UserError("--eval-checkpoint and --resume exclude each other: pass one")
+    if args.mask_velocity and not args.eval_checkpoint and env_name(args.env_id) not in VELOCITY_ENTRIES:
+        raise UserError(
+            f"--mask-velocity: no velocity entries known for {args.env_id}; it takes {', '.join(VELOCITY_ENTRIES)}"
+        )
+
+
+def gymnasium_has(env_id: str) -> bool:
+    module, _, name = env_id.rpartition(":")
+    try:
+        if module:
+            importlib.import_module(module)  # gymnasium's `module:EnvId` syntax: the import registers the env
+        gym.spec(name)
+        return True
+    except ModuleNotFoundError as e:
+        raise UserError(f"--env-id {env_id}: cannot import module {module!r} ({e})") from None
+    except gym.error.Error:
+        return False
+
+
+def choose_backend(env_id: str, num_envs: int, backend: str) -> str:
+    """Check that the env id exists and pick who steps it; raises UserError for an unknown id."""
+    in_envpool, in_gymnasium = env_id in envpool.list_all_envs(), gymnasium_has(env_id)
+    if backend == "auto":
+        if not in_envpool and not in_gymnasium:
+            raise UserError(f"--env-id {env_id} is neither an envpool nor a gymnasium id (e.g. CartPole-v1)")
+        return "envpool" if in_envpool and (num_envs >= ENVPOOL_MIN_ENVS or not in_gymnasium) else "gymnasium"
+    if not (in_envpool if backend == "envpool" else in_gymnasium):
+        raise UserError(f"--env-id {env_id} is not a {backend} id; try --env-backend auto")
+    return backend
+
+
+def make_envs(env_id: str, num_envs: int, seed: int, backend: str, video_folder: str | None = None):
+    """Vector envs with next-step autoreset, whoever steps them: after a step that ends an episode, the next step
+    returns the first observation of the new episode with reward 0 and ignores its action."""
+    if backend == "envpool":
+        return envpool.make(env_id, env_type="gymnasium", num_envs=num_envs, seed=seed)
+
+    def make_env():
+        env = gym.make(env_id, **({"render_mode": "rgb_array"} if video_folder else {}))  # not every env takes it
+        if video_folder:
+            env = gym.wrappers.RecordVideo(env, video_folder, episode_trigger=lambda episode: True)
+        return env
+
+    return gym.vector.SyncVectorEnv([make_env] * num_envs, autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
+
+
+def action_nvec(space: gym.Space) -> np.ndarray:
+    """Every supported discrete action space as independent categorical components: their sizes."""
+    if isinstance(space, gym.spaces.Discrete):
+        return np.array([space.n])
+    if isinstance(space, gym.spaces.MultiDiscrete):
+        return space.nvec.reshape(-1)
+    if isinstance(space, gym.spaces.MultiBinary):
+        return np.full(int(np.prod(space.shape)), 2)
+    raise UserError(f"ppo_lstm.py handles Discrete, MultiDiscrete, MultiBinary and Box actions, not {space}")
+
+
+def to_env_action(action: np.ndarray, space: gym.Space) -> np.ndarray:
+    """[num_envs, components] category indices or Gaussian samples -> the env's own action layout and offset, Box
+    actions clipped to their bounds. Only the env sees the clipped action: the rollout stores and trains on the sample,
+    whose log-probability the Gaussian gives."""
+    if isinstance(space, gym.spaces.Box):
+        return np.clip(action.reshape(len(action), *space.shape), space.low, space.high)
+    return action.reshape(len(action), *space.shape) + getattr(space, "start", 0)
+
+
+def is_image(space: gym.Space) -> bool:
+    return isinstance(space, gym.spaces.Box) and space.dtype == np.uint8 and len(space.shape) == 3
+
+
+# log sqrt(2 pi), the constant of the Gaussian's log-density and entropy
+HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
+    torch.nn.init.orthogonal_(layer.weight, std)
+    torch.nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+class Encoder(nn.Module):
+    """One observation space -> features. Images (uint8, 3 dimensions, the smallest one the channels, first or last)
+    go through the Nature CNN, scaled to [0, 1] here; Discrete observations are one-hot encoded, Box ones flattened,
+    then a 64x64 tanh MLP as in ppo.py."""
+
+    def __init__(self, space: gym.Space):
+        super().__init__()
+        self.image = is_image(space)
+        if self.image:
+            self.channels_last = int(np.argmin(space.shape)) == 2
+            channels, height, width = np.roll(space.shape, 1) if self.channels_last else space.shape
+            self.net = nn.Sequential(
+                layer_init(nn.Conv2d(channels, 32, 8, stride=4)),
+                nn.ReLU(),
+                layer_init(nn.Conv2d(32, 64, 4, stride=2)),
+                nn.ReLU(),
+                layer_init(nn.Conv2d(64, 64, 3, stride=1)),
+                nn.ReLU(),
+                nn.Flatten(),
+            )
+            try:  # the size of the convolutions' output, for this image size
+                conv_size = self.net(torch.zeros(1, channels, height, width)).shape[1]
+            except RuntimeError:
+                raise UserError(f"images of shape {space.shape} are smaller than the Nature CNN's 36x36") from None
+            self.net.extend([layer_init(nn.Linear(conv_size, 512)), nn.ReLU()])
+            self.out_dim = 512
+        elif isinstance(space, gym.spaces.Box | gym.spaces.Discrete):
+            self.onehot = int(space.n) if isinstance(space, gym.spaces.Discrete) else 0
+            self.net = nn.Sequential(
+                layer_init(nn.Linear(self.onehot or int(np.prod(space.shape)), 64)),
+                nn.Tanh(),
+                layer_init(nn.Linear(64, 64)),
+                nn.Tanh(),
+            )
+            self.out_dim = 64
+        else:
+            raise UserError(f"ppo_lstm.py handles Box and Discrete observations and Dicts of them, not {space}")
+
+    def forward(self, x):
+        if self.image:
+            return self.net((x.permute(0, 3, 1, 2) if self.channels_last else x).float() / 255)
+        return self.net(F.one_hot(x.long(), self.onehot).float() if self.onehot else x.flatten(1))
+
+
+class Agent(nn.Module):
+    def __init__(self, obs_space: gym.Space, act_space: gym.Space, lstm_hidden_size: int, lstm_num_layers: int):
+        super().__init__()
+        # A Dict observation gets one encoder per key, concatenated; it arrives flattened (ObsPreparer), keys in order.
+        self.dict_obs = isinstance(obs_space, gym.spaces.Dict)
+        self.obs_spaces = list(obs_space.values()) if self.dict_obs else [obs_space]
+        self.encoders = nn.ModuleList(Encoder(space) for space in self.obs_spaces)
+        self.obs_sizes = [int(np.prod(space.shape)) for space in self.obs_spaces]
+        self.lstm = nn.LSTM(sum(e.out_dim for e in self.encoders), lstm_hidden_size, lstm_num_layers)
+        for name, param in self.lstm.named_parameters():  # as CleanRL's ppo_atari_lstm.py
+            if "bias" in name:
+                nn.init.constant_(param, 0)
+            else:
+                nn.init.orthogonal_(param, 1.0)
+        self.critic = layer_init(nn.Linear(lstm_hidden_size, 1), std=1.0)
+        self.continuous = isinstance(act_space, gym.spaces.Box)
+        if self.continuous:
+            # The actor gives the Gaussian's mean; its log-std is one learned number per action dimension, independent
+            # of the state (PPO paper, CleanRL), starting at 0: std 1.
+            self.action_dim = int(np.prod(act_space.shape))
+            self.actor = layer_init(nn.Linear(lstm_hidden_size, self.action_dim), std=0.01)
+            self.actor_logstd = nn.Parameter(torch.zeros(1, self.action_dim))
+        else:
+            nvec = action_nvec(act_space)
+            self.action_dim = len(nvec)
+            self.actor = layer_init(nn.Linear(lstm_hidden_size, len(nvec) * int(nvec.max())), std=0.01)
+            # Components of unequal size share one [components, max size] logits table; the padding gets a logit so
+            # low that its probability is exactly 0 in float32, so one vectorised softmax serves every component.
+            self.logits_shape = (len(nvec), int(nvec.max()))
+            padding = torch.arange(self.logits_shape[1]) >= torch.as_tensor(nvec)[:, None]
+            self.register_buffer("logit_padding", padding.float() * -1e8 if padding.any() else None)
+
+    def initial_state(self, num_envs: int) -> tuple:
+        """The LSTM state (h, c) of num_envs envs before their first step: zeros, [layers, envs, hidden size]."""
+        shape = (self.lstm.num_layers, num_envs, self.lstm.hidden_size)
+        return torch.zeros(shape), torch.zeros(shape)
+
+    def encode(self, x):
+        if not self.dict_obs:
+            return self.encoders[0](x)
+        parts = x.split(self.obs_sizes, dim=1)
+        return torch.cat([e(p.view(len(x), *s.shape)) for e, p, s in zip(self.encoders, parts, self.obs_spaces)], 1)
+
+    def get_states(self, x, lstm_state, starts):
+        """LSTM outputs for the time-major steps x [T * B, ...] of B envs, from lstm_state (h, c) [layers, B, hidden],
+        the state before the first step. starts [T * B] marks each episode's first observation: the state restarts
+        from zeros there. Returns the outputs [T * B, hidden] and, for one step (T = 1), the state after it."""
+        features = self.encode(x)
+        h, c = lstm_state
+        if len(features) == h.shape[1]:  # one step of every env: the rollout and evaluation
+            # The LSTM's cells, layer by layer: 2x faster than a call of the whole nn.LSTM for a single step.
+            keep = (~starts).view(1, -1, 1).float()
+            hidden, states = features, []
+            for h_layer, c_layer, weights in zip(h * keep, c * keep, self.lstm.all_weights):
+                states.append(torch.lstm_cell(hidden, (h_layer, c_layer), *weights))
+                hidden = states[-1][0]
+            return hidden, tuple(torch.stack(s) for s in zip(*states))
+        # Whole sequences (the update): each env's sequence is cut at its episode starts into segments, which are
+        # padded into one batch for a single LSTM call. The LSTM is causal, so padding at the end changes nothing.
+        pad_inds, unpad, seg_env, resume = map(torch.from_numpy, sequence_segments(starts.view(-1, h.shape[1]).numpy()))
+        keep = resume.view(1, -1, 1).float()
+        hidden, _ = self.lstm(features[pad_inds], (h[:, seg_env] * keep, c[:, seg_env] * keep))
+        return hidden.flatten(0, 1)[unpad], None
+
+    def get_value(self, x, lstm_state, starts):
+        return self.critic(self.get_states(x, lstm_state, starts)[0]).squeeze(-1)
+
+    def get_action_and_value(self, x, lstm_state, starts, action=None, greedy=False):
+        """Returns action, logprob, entropy, value and the state after the step (see get_states)."""
+        hidden, lstm_state = self.get_states(x, lstm_state, starts)
+        value = self.critic(hidden).squeeze(-1)
+        if self.continuous:
+            # Gaussian maths written out: torch.distributions objects cost more than the network at this size.
+            action_mean, action_std = self.actor(hidden), self.actor_logstd.exp()
+            if action is None:
+                action = action_mean if greedy else action_mean + action_std * torch.randn_like(action_mean)
+            logprob = (-0.5 * ((action - action_mean) / action_std).square() - self.actor_logstd - HALF_LOG_2PI).sum(-1)
+            entropy = (0.5 + HALF_LOG_2PI + self.actor_logstd).sum(-1).expand(len(hidden))
+            return action, logprob, entropy, value, lstm_state
+        # Categorical maths written out, as in ppo.py.
+        logits = self.actor(hidden).view(len(hidden), *self.logits_shape)
+        if self.logit_padding is not None:
+            logits = logits + self.logit_padding
+        logp = logits.log_softmax(-1)
+        if action is None:
+            # Gumbel-max: argmax(logp + Gumbel noise) samples the categorical, in fewer ops than torch.multinomial
+            action = logp if greedy else logp - torch.empty_like(logp).exponential_().log()
+            action = action.argmax(-1)
+        logprob = logp.gather(-1, action.unsqueeze(-1)).squeeze(-1).sum(-1)
+        entropy = -(logp.exp() * logp).sum((-2, -1))
+        return action, logprob, entropy, value, lstm_state
+
+
+def sequence_segments(starts: np.ndarray) -> tuple:
+    """Cut B envs' time-major sequences at their episode starts (starts [T, B]: True at an episode's first step) into
+    segments, laid out as one padded LSTM batch [L: the longest segment, S: the segments]. Returns
+    - pad_inds [L, S]: the time-major index t * B + b of each segment's steps (0 in the padding, which is at the end);
+    - unpad [T * B]: where step t * B + b lies in that batch, flattened to [L * S];
+    - seg_env [S]: the env of each segment;
+    - resume [S]: whether the segment goes on from the state before the sequence (it begins at t = 0, and not with an
+      episode); every other segment begins an episode, from zeros."""
+    num_steps, num_envs = starts.shape
+    begins = starts.T.copy()  # env-major [B, T], so that each env's segments are consecutive
+    begins[:, 0] = True
+    begins = begins.reshape(-1)
+    segment = np.cumsum(begins) - 1
+    first = np.flatnonzero(begins)
+    position = np.arange(len(begins)) - first[segment]
+    env, t = np.divmod(np.arange(len(begins)), num_steps)
+    pad_inds = np.zeros((position.max() + 1, len(first)), np.int64)
+    pad_inds[position, segment] = t * num_envs + env
+    unpad = np.empty(len(begins), np.int64)
+    unpad[t * num_envs + env] = position * len(first) + segment
+    seg_env = first // num_steps
+    return pad_inds, unpad, seg_env, (first % num_steps == 0) & ~starts[0, seg_env]
+
+
+def flatten_parameters(module: nn.Module) -> nn.Parameter:
+    """Move all of module's parameters into one flat Parameter, and their gradients into its .grad: each parameter
+    and its .grad become views of these. The optimizer and gradient clipping then make one call instead of one per
+    tensor; on the CPU that per-tensor overhead outweighs their maths for a small MLP (update 13% faster). Zero the
+    gradient in place (`zero_grad(set_to_none=False)`): setting it to None would cut the views loose."""
+    params = list(module.parameters())
+    flat = nn.Parameter(torch.cat([p.detach().reshape(-1) for p in params]))
+    flat.grad = torch.zeros_like(flat)
+    offset = 0
+    for p in params:
+        p.data = flat.data[offset : offset + p.numel()].view_as(p)
+        p.grad = flat.grad[offset : offset + p.numel()].view_as(p)
+        offset += p.numel()
+    return flat
+
+
+def compute_gae(rewards, values, terminations, truncations, resets, next_value, gamma, gae_lambda):
+    """Generalised advantage estimation over a [num_steps, num_envs] rollout, under next-step autoreset.
+
+    Step t is the transition obs[t] -> obs[t + 1] with reward[t]. When it ends an episode, obs[t + 1] is the real
+    final observation, so values[t + 1] (or next_value after the last step) is its value: a truncated episode is
+    bootstrapped from it, a terminated one is not. The step after (resets[t + 1]) only resets the env: it is not a
+    transition, gets advantage 0 and is cut out of the recursion. Returns (advantages, returns).
+    """
+    num_steps = len(rewards)
+    advantages = np.zeros_like(rewards)
+    lastgaelam = np.zeros_like(next_value)
+    for t in reversed(range(num_steps)):
+        nextvalues = next_value if t == num_steps - 1 else values[t + 1]
+        delta = rewards[t] + gamma * nextvalues * ~terminations[t] - values[t]
+        lastgaelam = delta + gamma * gae_lambda * ~(terminations[t] | truncations[t]) * lastgaelam
+        lastgaelam = lastgaelam * ~resets[t]
+        advantages[t] = lastgaelam
+    return advantages, advantages + values
+
+
+class EpisodeTracker:
+    """Real return and length of each env's current episode. The reset step of next-step autoreset belongs to
+    neither episode; `reset` tells which envs' next step is one."""
+
+    def __init__(self, num_envs: int):
+        self.returns = np.zeros(num_envs)
+        self.lengths = np.zeros(num_envs, dtype=np.int64)
+        self.reset = np.zeros(num_envs, dtype=bool)
+
+    def step(self, reward, terminated, truncated) -> list:
+        """Account one vector step; returns (return, length) of each episode that it ended."""
+        self.returns += reward
+        self.lengths += 1
+        if self.reset.any():
+            self.returns[self.reset] = 0
+            self.lengths[self.reset] = 0
+        self.reset = terminated | truncated
+        return (
+            list(zip(self.returns[self.reset].tolist(), self.lengths[self.reset].tolist())) if self.reset.any() else []
+        )
+
+
+class RunningMeanStd:
+    """Mean and variance of every batch passed to update(), merged batch by batch with Chan et al.'s parallel
+    algorithm (as baselines' VecNormalize). The count starts at a tiny epsilon, as there, so that the empty start
+    (mean 0, var 1) weighs nothing yet no division is by zero."""
+
+    def __init__(self, shape=(), epsilon=1e-4):
+        self.mean, self.var, self.count = np.zeros(shape), np.ones(shape), epsilon
+
+    def update(self, x: np.ndarray) -> None:
+        """Merge in a batch x of shape [n, *shape]; an empty batch changes nothing."""
+        if len(x):
+            # the batch's mean and variance from sums: the numbers of x.mean(0) and x.var(0) in half their time
+            batch_mean = x.sum(0) / len(x)
+            self.merge(batch_mean, np.square(x - batch_mean).sum(0) / len(x), len(x))
+
+    def merge(self, mean, var, count) -> None:
+        delta, total = mean - self.mean, self.count + count
+        self.mean = self.mean + delta * (count / total)
+        self.var = (self.var * self.count + var * count + np.square(delta) * (self.count * count / total)) / total
+        self.count = total
+
+    def state_dict(self) -> dict:
+        """Plain tensors and a float, so that torch.load(weights_only=True) reads them."""
+        return {
+            "mean": torch.from_numpy(np.array(self.mean)),
+            "var": torch.from_numpy(np.array(self.var)),
+            "count": self.count,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mean, self.var, self.count = state["mean"].numpy(), state["var"].numpy(), float(state["count"])
+
+
+class ObsNormalizer(RunningMeanStd):
+    """Observations -> (obs - mean) / std over every observation seen so far, clipped to +-clip (baselines'
+    VecNormalize, CleanRL's NormalizeObservation), as float32. update=False freezes the statistics (evaluation)."""
+
+    def __init__(self, shape, clip=10.0, epsilon=1e-8):
+        super().__init__(shape)
+        self.clip, self.epsilon = clip, epsilon
+
+    def __call__(self, obs: np.ndarray, update: bool = True) -> np.ndarray:
+        if update:
+            self.update(obs)
+        return ((obs - self.mean) / np.sqrt(self.var + self.epsilon)).clip(-self.clip, self.clip).astype(np.float32)
+
+
+class ReturnScaler(RunningMeanStd):
+    """Rewards -> reward / std of the discounted return, clipped to +-clip (baselines' VecNormalize, CleanRL's
+    NormalizeReward): a scale for the losses only; episode returns are logged from the real rewards. Under next-step
+    autoreset the reset step is no transition: it restarts its env's discounted return and is left out of the
+    statistics."""
+
+    def __init__(self, num_envs, gamma, clip=10.0, epsilon=1e-8):
+        super().__init__()
+        self.returns, self.gamma, self.clip, self.epsilon = np.zeros(num_envs), gamma, clip, epsilon
+
+    def __call__(self, reward: np.ndarray, reset: np.ndarray) -> np.ndarray:
+        """reward of one vector step; reset: which envs' step was the reset step."""
+        self.returns = (self.returns * self.gamma + reward) * ~reset
+        self.update(self.returns[~reset])
+        return (reward / np.sqrt(self.var + self.epsilon)).clip(-self.clip, self.clip).astype(np.float32)
+
+
+class ObsPreparer:
+    """Env observations -> what the agent sees and the rollout stores: a Dict's entries flattened into one float32
+    vector per env (the Agent splits it again), velocities zeroed (--mask-velocity), normalised (--norm-obs); images
+    stay uint8, everything else becomes float32."""
+
+    def __init__(self, space: gym.Space, env_id: str, mask_velocity: bool, norm_obs: bool):
+        self.keys = list(space) if isinstance(space, gym.spaces.Dict) else None
+        self.dtype = np.uint8 if is_image(space) else np.float32
+        self.velocity_mask = None
+        if mask_velocity:
+            self.velocity_mask = np.ones(space.shape, np.float32)
+            self.velocity_mask[VELOCITY_ENTRIES[env_name(env_id)]] = 0
+        if norm_obs and (not isinstance(space, gym.spaces.Box) or is_image(space)):
+            raise UserError(f"--norm-obs normalises Box observations other than images, not {space}")
+        self.obs_norm = ObsNormalizer(space.shape) if norm_obs else None
+
+    def __call__(self, obs, update: bool = True) -> np.ndarray:
+        """update=False freezes the normalisation statistics (evaluation)."""
+        if self.keys:
+            obs = np.concatenate([np.reshape(obs[k], (len(obs[k]), -1)) for k in self.keys], 1)
+        if self.velocity_mask is not None:
+            obs = obs * self.velocity_mask
+        if self.obs_norm:
+            obs = self.obs_norm(obs, update)
+        return obs.astype(self.dtype, copy=False)
+
+
+def evaluate(agent: Agent, prepare: ObsPreparer, envs, num_episodes: int, seed: int) -> list:
+    """Real episodic returns of num_episodes played with the greedy policy (the most likely action, or the Gaussian's
+    mean), the LSTM state carried from step to step and restarted at each episode's first observation."""
+    next_obs = prepare(envs.reset(seed=seed)[0], update=False)
+    lstm_state, start = agent.initial_state(envs.num_envs), np.zeros(envs.num_envs, dtype=bool)
+    tracker, returns = EpisodeTracker(envs.num_envs), []
+    while len(returns) < num_episodes:
+        with torch.inference_mode():
+            action, *_, lstm_state = agent.get_action_and_value(
+                torch.from_numpy(next_obs), lstm_state, torch.from_numpy(start), greedy=True
+            )
+        start = tracker.reset  # after a reset step comes an episode's first step
+        next_obs, reward, terminated, truncated, _ = envs.step(to_env_action(action.numpy(), envs.single_action_space))
+        next_obs = prepare(next_obs, update=False)
+        returns += [episode_return for episode_return, _ in tracker.step(reward, terminated, truncated)]
+    return returns[:num_episodes]
+
+
+def run_evaluation(
+    agent: Agent, prepare: ObsPreparer, args: Args, backend: str, seed: int, video_folder: str | None
+) -> list:
+    """Evaluate on a fresh env (rendered by gymnasium when recording videos) and print mean ± std."""
+    envs = make_envs(args.env_id, 1, seed, "gymnasium" if video_folder else backend, video_folder)
+    returns = evaluate(agent, prepare, envs, args.eval_episodes, seed)
+    envs.close()
+    print(f"eval {args.env_id}: {np.mean(returns):.2f} ± {np.std(returns):.2f} over {len(returns)} greedy episodes")
+    return returns
+
+
+def save_checkpoint(path: str, checkpoint: dict) -> None:
+    """Write atomically: a crash mid-write leaves the previous checkpoint whole."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(checkpoint, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, flag: str, script: str) -> dict:
+    """Read a checkpoint as data (weights_only: no code runs); raises UserError naming the flag if it is unusable."""
+    if not os.path.isfile(path):
+        raise UserError(f"{flag} {path}: no such file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(
+            f"{flag} {path} is not a readable checkpoint ({type(e).__name__}); pass one from {script}"
+        ) from None
+    if not isinstance(checkpoint, dict) or not {"script", "args", "global_step", "model"} <= checkpoint.keys():
+        raise UserError(f"{flag} {path} is not a checkpoint of this project; pass one written by {script}")
+    if checkpoint["script"] != script:
+        raise UserError(f"{flag} {path} was written by {checkpoint['script']}; load it with that script, not {script}")
+    return checkpoint
+
+
+def load_agent(agent: Agent, prepare: ObsPreparer, checkpoint: dict, flag: str) -> None:
+    try:
+        agent.load_state_dict(checkpoint["model"])
+    except (KeyError, RuntimeError):
+        raise UserError(
+            f"{flag}: the checkpoint's network does not fit {checkpoint['args']['env_id']}'s spaces"
+        ) from None
+    if prepare.obs_norm:
+        prepare.obs_norm.load_state_dict(checkpoint["obs_rms"])
+
+
+# What a run's network is and what it sees and learns from: --eval-checkpoint and --resume take these from the
+# checkpoint, whatever the flags say.
+RUN_ARGS = ("lstm_hidden_size", "lstm_num_layers", "mask_velocity", "norm_obs", "norm_reward")
+
+
+def main(args: Args) -> None:
+    script = os.path.basename(__file__)
+    validate_args(args)
+    checkpoint = None
+    if args.eval_checkpoint or args.resume:
+        flag = "--eval-checkpoint" if args.eval_checkpoint else "--resume"
+        checkpoint = load_checkpoint(args.eval_checkpoint or args.resume, flag, script)
+        if args.eval_checkpoint:
+            args.env_id = checkpoint["args"]["env_id"]
+        elif checkpoint["args"]["env_id"] != args.env_id:
+            raise UserError(f"--resume: the checkpoint trained on {checkpoint['args']['env_id']}; pass that --env-id")
+        for key in RUN_ARGS:
+            setattr(args, key, checkpoint["args"][key])
+    backend = choose_backend(args.env_id, args.num_envs, args.env_backend)
+    if args.capture_video and args.eval_episodes and not gymnasium_has(args.env_id):
+        raise UserError(f"--capture-video: videos are rendered by gymnasium, which has no env {args.env_id}")
+    if args.capture_video and sys.platform == "linux" and not os.environ.get("DISPLAY"):
+        os.environ.setdefault("MUJOCO_GL", "egl")  # MuJoCo renders through a window (GLFW) by default: none here
+    # One torch thread: at a small MLP's and LSTM's sizes a second thread's synchronisation costs more than it brings.
+    torch.set_num_threads(1)
+
+    if args.eval_checkpoint:
+        envs = make_envs(args.env_id, 1, args.seed, backend)
+        agent = Agent(
+            envs.single_observation_space, envs.single_action_space, args.lstm_hidden_size, args.lstm_num_layers
+        )
+        prepare = ObsPreparer(envs.single_observation_space, args.env_id, args.mask_velocity, args.norm_obs)
+        envs.close()
+        load_agent(agent, prepare, checkpoint, "--eval-checkpoint")
+        video_folder = os.path.join(os.path.dirname(args.eval_checkpoint), "videos") if args.capture_video else None
+        run_evaluation(agent, prepare, args, backend, args.seed, video_folder)
+        return
+
+    batch_size = args.num_envs * args.num_steps
+    num_iterations = args.total_timesteps // batch_size
+    global_step = checkpoint["global_step"] if checkpoint else 0
+    start_iteration = global_step // batch_size + 1
+    if start_iteration > num_iterations:
+        raise UserError(f"--resume: the checkpoint is at step {global_step:,} already; raise --total-timesteps")
+    # A resumed run reseeds from the step it resumes at, so it does not replay the episodes of its start.
+    seed = args.seed + global_step
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+    envs = make_envs(args.env_id, args.num_envs, seed, backend)
+    agent = Agent(envs.single_observation_space, envs.single_action_space, args.lstm_hidden_size, args.lstm_num_layers)
+    prepare = ObsPreparer(envs.single_observation_space, args.env_id, args.mask_velocity, args.norm_obs)
+    return_scaler = ReturnScaler(args.num_envs, args.gamma) if args.norm_reward else None
+    flat_params = flatten_parameters(agent)
+    # Fused Adam: a third of the time of the default implementation on the CPU.
+    optimizer = torch.optim.Adam([flat_params], lr=args.learning_rate, eps=1e-5, fused=True)
+    if checkpoint:
+        load_agent(agent, prepare, checkpoint, "--resume")
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if return_scaler:
+            return_scaler.load_state_dict(checkpoint["return_rms"])
+        run_dir = os.path.dirname(os.path.abspath(args.resume))  # the resumed run's curves go on in its folder
+    else:
+        run_dir = os.path.join(
+            "runs", f"{args.env_id.replace(':', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        )
+    os.makedirs(run_dir, exist_ok=True)
+    if args.track:
+        import wandb
+
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            sync_tensorboard=True,
+            config=asdict(args),
+            name=os.path.basename(run_dir),
+            dir=run_dir,
+            save_code=True,
+        )
+    writer = SummaryWriter(run_dir)
+    writer.add_text(
+        "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
+    )
+
+    # Rollout storage, [num_steps, num_envs, ...]: observations as ObsPreparer gives them, actions as [.., components]
+    # category indices or Gaussian samples. starts marks each episode's first observation, where the LSTM restarts.
+    next_obs = prepare(envs.reset(seed=seed)[0])
+    obs = np.zeros((args.num_steps, *next_obs.shape), dtype=next_obs.dtype)
+    action_dtype = np.float32 if agent.continuous else np.int64
+    actions = np.zeros((args.num_steps, args.num_envs, agent.action_dim), dtype=action_dtype)
+    logprobs = np.zeros((args.num_steps, args.num_envs), dtype=np.float32)
+    rewards = np.zeros((args.num_steps, args.num_envs), dtype=np.float32)
+    values = np.zeros((args.num_steps, args.num_envs), dtype=np.float32)
+    terminations = np.zeros((args.num_steps, args.num_envs), dtype=bool)
+    truncations = np.zeros((args.num_steps, args.num_envs), dtype=bool)
+    resets = np.zeros((args.num_steps, args.num_envs), dtype=bool)
+    starts = np.zeros((args.num_steps, args.num_envs), dtype=bool)
+
+    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
+    tracker, recent_returns = EpisodeTracker(args.num_envs), deque(maxlen=100)
+    interactive, last_print = sys.stdout.isatty(), 0.0
+    lstm_state = agent.initial_state(args.num_envs)
+    start_time, start_step = time.time(), global_step
+
+    for iteration in range(start_iteration, num_iterations + 1):
+        if args.anneal_lr:
+            frac = 1.0 - (iteration - 1.0) / num_iterations
+            optimizer.param_groups[0]["lr"] = frac * args.learning_rate
+        # The training pass replays each env's sequence from the state it had at the start of the rollout.
+        initial_lstm_state = [s.clone() for s in lstm_state]  # a clone outside inference mode can enter autograd
+
+        for step in range(args.num_steps):
+            global_step += args.num_envs
+            obs[step] = next_obs
+            # The state restarts at each episode's first observation, one step after the reset step: the reset step's
+            # observation is the old episode's final one, whose value (with the old state) bootstraps a truncation.
+            # At step 0, resets[step - 1] is still the previous rollout's last flag.
+            starts[step], resets[step] = resets[step - 1], tracker.reset
+            # The rollout policy runs in torch: an LSTM or a CNN does not fit ppo.py's NumPy policy.
+            with torch.inference_mode():
+                action, logprob, _, value, lstm_state = agent.get_action_and_value(
+                    torch.from_numpy(obs[step]), lstm_state, torch.from_numpy(starts[step])
+                )
+            actions[step], logprobs[step], values[step] = action.numpy(), logprob.numpy(), value.numpy()
+
+            next_obs, reward, terminations[step], truncations[step], _ = envs.step(
+                to_env_action(actions[step], envs.single_action_space)
+            )
+            next_obs = prepare(next_obs)
+            rewards[step] = return_scaler(reward, resets[step]) if return_scaler else reward
+            for episode_return, episode_length in tracker.step(reward, terminations[step], truncations[step]):
+                recent_returns.append(episode_return)
+                writer.add_scalar("charts/episodic_return", episode_return, global_step)
+                writer.add_scalar("charts/episodic_length", episode_length, global_step)
+
+        with torch.inference_mode():
+            next_value = agent.get_value(torch.from_numpy(next_obs), lstm_state, torch.from_numpy(resets[-1])).numpy()
+        advantages, returns = compute_gae(
+            rewards, values, terminations, truncations, resets, next_value, args.gamma, args.gae_lambda
+        )
+
+        # The batch keeps every step in time-major order [num_steps * num_envs], so that whole sequences replay; the
+        # reset steps of next-step autoreset are replayed (the state runs through them) but never trained on.
+        b_obs = torch.from_numpy(obs.reshape(batch_size, *obs.shape[2:]))
+        b_actions = torch.from_numpy(actions.reshape(batch_size, -1))
+        b_logprobs, b_advantages, b_returns, b_values, b_starts, b_transition = (
+            torch.from_numpy(x.reshape(-1)) for x in (logprobs, advantages, returns, values, starts, ~resets)
+        )
+
+        stats, num_updates = torch.zeros(6), 0
+        for epoch in range(args.update_epochs):
+            for mb_envs in torch.randperm(args.num_envs).tensor_split(args.num_minibatches):
+                mb_inds = (torch.arange(args.num_steps)[:, None] * args.num_envs + mb_envs).reshape(-1)
+                _, newlogprob, entropy, newvalue, _ = agent.get_action_and_value(
+                    b_obs[mb_inds], [s[:, mb_envs] for s in initial_lstm_state], b_starts[mb_inds], b_actions[mb_inds]
+                )
+                keep = b_transition[mb_inds]
+                newlogprob, entropy, newvalue, mb_inds = newlogprob[keep], entropy[keep], newvalue[keep], mb_inds[keep]
+                logratio = newlogprob - b_logprobs[mb_inds]
+                ratio = logratio.exp()
+
+                with torch.no_grad():
+                    # calculate approx_kl http://joschu.net/blog/kl-approx.html
+                    old_approx_kl = (-logratio).mean()
+                    approx_kl = ((ratio - 1) - logratio).mean()
+                    clipfrac = ((ratio - 1.0).abs() > args.clip_coef).float().mean()
+
+                mb_advantages = b_advantages[mb_inds]
+                if args.norm_adv:
+                    mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
+
+                # Policy loss
+                pg_loss1 = -mb_advantages * ratio
+                pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
+                pg_loss = torch.max(pg_loss1, pg_loss2).mean()
+
+                # Value loss
+                if args.clip_vloss:
+                    v_loss_unclipped = (newvalue - b_returns[mb_inds]) ** 2
+                    v_clipped = b_values[mb_inds] + torch.clamp(
+                        newvalue - b_values[mb_inds], -args.clip_coef, args.clip_coef
+                    )
+                    v_loss_clipped = (v_clipped - b_returns[mb_inds]) ** 2
+                    v_loss = 0.5 * torch.max(v_loss_unclipped, v_loss_clipped).mean()
+                else:
+                    v_loss = 0.5 * ((newvalue - b_returns[mb_inds]) ** 2).mean()
+
+                entropy_loss = entropy.mean()
+                loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
+
+                optimizer.zero_grad(set_to_none=False)
+                loss.backward()
+                nn.utils.clip_grad_norm_(flat_params, args.max_grad_norm)
+                optimizer.step()
+                stats += torch.stack([pg_loss, v_loss, entropy_loss, old_approx_kl, approx_kl, clipfrac]).detach()
+                num_updates += 1
+
+            if args.target_kl is not None and approx_kl > args.target_kl:
+                break
+
+        # Losses are averaged over every minibatch of the iteration, not taken from the last one.
+        stats = (stats / num_updates).tolist()
+        y_pred, y_true = b_values[b_transition].numpy(), b_returns[b_transition].numpy()
+        var_y = np.var(y_true)
+        explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
+        sps = (global_step - start_step) / (time.time() - start_time)
+        writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+        for key, value in zip(
+            ("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac"), stats
+        ):
+            writer.add_scalar(f"losses/{key}", value, global_step)
+        writer.add_scalar("losses/explained_variance", explained_var, global_step)
+        writer.add_scalar("charts/SPS", int(sps), global_step)
+
+        if args.save_interval and iteration % args.save_interval == 0 or iteration == num_iterations:
+            save_checkpoint(
+                checkpoint_path,
+                {
+                    "script": script,
+                    "args": asdict(args),
+                    "global_step": global_step,
+                    "model": agent.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    **({"obs_rms": prepare.obs_norm.state_dict()} if prepare.obs_norm else {}),
+                    **({"return_rms": return_scaler.state_dict()} if return_scaler else {}),
+                },
+            )
+        # Progress: one line redrawn in place on a terminal, a plain line every 10 s in a log file.
+        if time.time() - last_print >= (0.5 if interactive else 10.0) or iteration == num_iterations:
+            ret = f"{np.mean(recent_returns):.1f} (last {len(recent_returns)} episodes)" if recent_returns else "n/a"
+            line = f"{global_step:,}/{args.total_timesteps:,} steps | {sps:,.0f} SPS | return {ret}"
+            print(f"\r{line}\033[K" if interactive else line, end="" if interactive else "\n", flush=True)
+            last_print = time.time()
+
+    envs.close()
+    mean_return = f"{np.mean(recent_returns):.2f}" if recent_returns else "n/a"
+    print(
+        ("\n" if interactive else "")
+        + f"done: {global_step:,} steps in {time.time() - start_time:.1f} s ({sps:,.0f} SPS); "
+        f"mean return of the last {len(recent_returns)} episodes {mean_return}; checkpoint {checkpoint_path}"
+    )
+
+    if args.eval_episodes:
+        video_folder = os.path.join(run_dir, "videos") if args.capture_video else None
+        eval_returns = run_evaluation(agent, prepare, args, backend, seed, video_folder)
+        writer.add_scalar("eval/episodic_return", np.mean(eval_returns), global_step)
+    writer.close()
+    if args.track:
+        wandb.finish()
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
