@@ -375,7 +375,11 @@ def test_resume_checks_the_env(workdir):
     assert result.returncode == 0, result.stderr
     ckpt = str(only_run_dir(workdir) / "checkpoint.pt")
     result = run_script("ppo.py", "--resume", ckpt, "--env-id", "Acrobot-v1", cwd=workdir)
-    assert result.returncode != 0 and "trained on CartPole-v1" in result.stderr and "Traceback" not in result.stderr
+    assert (
+        result.returncode != 0
+        and "trained with --env-id CartPole-v1" in result.stderr
+        and "Traceback" not in result.stderr
+    )
     result = run_script("ppo.py", "--resume", ckpt, "--total-timesteps", "512", cwd=workdir)
     assert result.returncode != 0 and "raise --total-timesteps" in result.stderr
 
@@ -404,3 +408,20 @@ def test_learns_cartpole(workdir):
     assert result.returncode == 0, result.stderr
     returns = [r for _, r in read_scalars(only_run_dir(workdir))["charts/episodic_return"]]
     assert np.mean(returns[-20:]) >= LEARNING_THRESHOLD, np.mean(returns[-20:])
+
+
+def test_mask_velocity_zeroes_the_velocities(workdir):
+    space = gym.spaces.Box(-1, 1, (4,))
+    mask = ppo.velocity_mask(ppo.Args(env_id="CartPole-v1", mask_velocity=True), space)
+    assert mask.tolist() == [1, 0, 1, 0]  # cart velocity and pole angular velocity
+    assert ppo.velocity_mask(ppo.Args(env_id="CartPole-v1"), space) is None
+    result = run_script("ppo.py", "--mask-velocity", "--total-timesteps", "512", "--eval-episodes", "2", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    ckpt = only_run_dir(workdir) / "checkpoint.pt"
+    assert torch.load(ckpt, weights_only=True)["args"]["mask_velocity"] is True
+    result = run_script("ppo.py", "--eval-checkpoint", str(ckpt), "--eval-episodes", "1", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    result = run_script("ppo.py", "--resume", str(ckpt), "--total-timesteps", "1024", cwd=workdir)
+    assert result.returncode == 2 and "--mask-velocity True" in result.stderr  # resuming repeats the observations
+    result = run_script("ppo.py", "--mask-velocity", "--env-id", "FrozenLake-v1", cwd=workdir)
+    assert result.returncode == 2 and "--mask-velocity: no velocity entries known for FrozenLake-v1" in result.stderr

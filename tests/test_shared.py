@@ -9,6 +9,8 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(REPO.glob("ppo*.py"))
 SHARED = [
     "UserError",
+    "VELOCITY_ENTRIES",
+    "env_name",
     "gymnasium_has",
     "choose_backend",
     "layer_init",
@@ -21,12 +23,16 @@ SHARED = [
 
 
 def top_level_sources(path: Path) -> dict:
-    source = path.read_text()
-    return {
-        node.name: ast.get_source_segment(source, node)
-        for node in ast.parse(source).body
-        if isinstance(node, ast.FunctionDef | ast.ClassDef)
-    }
+    """Name -> source of each top-level function, class and constant (all the statements that assign it)."""
+    source, sources = path.read_text(), {}
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.FunctionDef | ast.ClassDef):
+            sources[node.name] = ast.get_source_segment(source, node)
+        elif isinstance(node, ast.Assign | ast.AugAssign | ast.AnnAssign):
+            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                if isinstance(target, ast.Name):
+                    sources[target.id] = sources.get(target.id, "") + ast.get_source_segment(source, node) + "\n"
+    return sources
 
 
 @pytest.mark.parametrize("name", SHARED)
