@@ -60,6 +60,8 @@ class Args:
     # Algorithm specific arguments
     env_id: str = "HalfCheetah-v4"
     """the id of the environment: an envpool id, a gymnasium id, or `module:EnvId-v0` for your own"""
+    mask_velocity: bool = False
+    """if toggled, zero the velocities observed in CartPole, Pendulum, Acrobot, MountainCar(Continuous), LunarLander"""
     env_backend: Literal["auto", "envpool", "gymnasium"] = "auto"
     """who steps the envs; auto takes the faster: gymnasium below 8 envs, envpool from 8 (measured)"""
     total_timesteps: int = 1000000
@@ -109,6 +111,16 @@ warnings.filterwarnings("ignore", message=".*(EnvPool seeds are fixed|precision 
 # 56-67; random actions alone, steps/s: 1 env 16,800 vs 12,700, 4 envs 20,000 vs 21,700).
 ENVPOOL_MIN_ENVS = 8
 
+# The velocity entries of the classic control observations, by env name, as RL Zoo's velocity-masked `*NoVel` envs:
+# CartPole's cart and pole, Pendulum's and Acrobot's angular ones, MountainCar's, LunarLander's x, y and angular one.
+VELOCITY_ENTRIES = {"CartPole": [1, 3], "Pendulum": [2], "Acrobot": [4, 5], "MountainCar": [1]}
+VELOCITY_ENTRIES |= {"MountainCarContinuous": [1], "LunarLander": [2, 3, 5], "LunarLanderContinuous": [2, 3, 5]}
+
+
+def env_name(env_id: str) -> str:
+    """`module:ns/CartPole-v1` -> `CartPole`"""
+    return env_id.rpartition(":")[2].rpartition("/")[2].rsplit("-v", 1)[0]
+
 
 def validate_args(args: Args) -> None:
     for flag in ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs"):
@@ -128,6 +140,10 @@ def validate_args(args: Args) -> None:
         raise UserError("--gamma and --gae-lambda must lie in [0, 1]")
     if args.eval_checkpoint and args.resume:
         raise UserError("--eval-checkpoint and --resume exclude each other: pass one")
+    if args.mask_velocity and not args.eval_checkpoint and env_name(args.env_id) not in VELOCITY_ENTRIES:
+        raise UserError(
+            f"--mask-velocity: no velocity entries known for {args.env_id}; it takes {', '.join(VELOCITY_ENTRIES)}"
+        )
 
 
 def gymnasium_has(env_id: str) -> bool:
@@ -168,6 +184,16 @@ def make_envs(env_id: str, num_envs: int, seed: int, backend: str, video_folder:
         return env
 
     return gym.vector.SyncVectorEnv([make_env] * num_envs, autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
+
+
+def velocity_mask(args: Args, obs_space: gym.Space) -> np.ndarray | None:
+    """With --mask-velocity, the factor that zeroes the velocity entries of an observation (a partially observable
+    task, for comparison with ppo_lstm.py); None otherwise."""
+    if not args.mask_velocity:
+        return None
+    mask = np.ones(obs_space.shape, np.float32)
+    mask[VELOCITY_ENTRIES[env_name(args.env_id)]] = 0
+    return mask
 
 
 def to_env_action(action: np.ndarray, space: gym.spaces.Box) -> np.ndarray:
@@ -381,12 +407,16 @@ class ReturnScaler(RunningMeanStd):
         return (reward / np.sqrt(self.var + self.epsilon)).clip(-self.clip, self.clip).astype(np.float32)
 
 
-def evaluate(agent: Agent, obs_norm: ObsNormalizer, envs, num_episodes: int, seed: int) -> list:
+def evaluate(
+    agent: Agent, obs_norm: ObsNormalizer, envs, num_episodes: int, seed: int, obs_mask: np.ndarray | None = None
+) -> list:
     """Real episodic returns of num_episodes played with the greedy policy (the mean action), the observations
     normalised by the training statistics, frozen."""
     next_obs, _ = envs.reset(seed=seed)
     tracker, returns = EpisodeTracker(envs.num_envs), []
     while len(returns) < num_episodes:
+        if obs_mask is not None:
+            next_obs = next_obs * obs_mask
         with torch.no_grad():
             x = torch.from_numpy(obs_norm(next_obs, update=False))
             action, *_ = agent.get_action_and_value(x, greedy=True)
@@ -400,7 +430,9 @@ def run_evaluation(
 ) -> list:
     """Evaluate on a fresh env (rendered by gymnasium when recording videos) and print mean ± std."""
     envs = make_envs(args.env_id, 1, seed, "gymnasium" if video_folder else backend, video_folder)
-    returns = evaluate(agent, obs_norm, envs, args.eval_episodes, seed)
+    returns = evaluate(
+        agent, obs_norm, envs, args.eval_episodes, seed, velocity_mask(args, envs.single_observation_space)
+    )
     envs.close()
     print(f"eval {args.env_id}: {np.mean(returns):.2f} ± {np.std(returns):.2f} over {len(returns)} greedy episodes")
     return returns
@@ -449,10 +481,13 @@ def main(args: Args) -> None:
     if args.eval_checkpoint or args.resume:
         flag = "--eval-checkpoint" if args.eval_checkpoint else "--resume"
         checkpoint = load_checkpoint(args.eval_checkpoint or args.resume, flag, script)
-        if args.eval_checkpoint:
-            args.env_id = checkpoint["args"]["env_id"]
-        elif checkpoint["args"]["env_id"] != args.env_id:
-            raise UserError(f"--resume: the checkpoint trained on {checkpoint['args']['env_id']}; pass that --env-id")
+        # The env and its observations are the checkpoint's: evaluation takes them, resuming must repeat them.
+        for key in ("env_id", "mask_velocity"):
+            value = checkpoint["args"].get(key, False)
+            if args.eval_checkpoint:
+                setattr(args, key, value)
+            elif value != getattr(args, key):
+                raise UserError(f"--resume: the checkpoint trained with --{key.replace('_', '-')} {value}; pass that")
     backend = choose_backend(args.env_id, args.num_envs, args.env_backend)
     if args.capture_video and args.eval_episodes and not gymnasium_has(args.env_id):
         raise UserError(f"--capture-video: videos are rendered by gymnasium, which has no env {args.env_id}")
@@ -536,7 +571,11 @@ def main(args: Args) -> None:
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
     tracker, recent_returns = EpisodeTracker(args.num_envs), deque(maxlen=100)
     interactive, last_print = sys.stdout.isatty(), 0.0
-    next_obs = obs_norm(envs.reset(seed=seed)[0])
+    obs_mask = velocity_mask(args, envs.single_observation_space)
+    next_obs, _ = envs.reset(seed=seed)
+    # The networks see, and the rollout stores, each observation masked (--mask-velocity) and normalised once, as the
+    # envs return it: the same numbers serve the policy, the stored batch and next_value.
+    next_obs = obs_norm(next_obs if obs_mask is None else next_obs * obs_mask)
     start_time, start_step = time.time(), global_step
 
     for iteration in range(start_iteration, num_iterations + 1):
@@ -553,7 +592,7 @@ def main(args: Args) -> None:
             next_obs, reward, terminations[step], truncations[step], _ = envs.step(
                 to_env_action(actions[step], envs.single_action_space)
             )
-            next_obs = obs_norm(next_obs)
+            next_obs = obs_norm(next_obs if obs_mask is None else next_obs * obs_mask)
             rewards[step] = return_scaler(reward, resets[step])
             for episode_return, episode_length in tracker.step(reward, terminations[step], truncations[step]):
                 recent_returns.append(episode_return)

@@ -16,9 +16,11 @@ from tests.conftest import only_run_dir, read_scalars, run_script
 
 SHARED = [
     "UserError",
+    "env_name",
     "validate_args",
     "gymnasium_has",
     "make_envs",
+    "velocity_mask",
     "layer_init",
     "flatten_parameters",
     "compute_gae",
@@ -257,6 +259,8 @@ def test_train_log_checkpoint_eval_resume(workdir):
     )
     assert result.returncode == 0, result.stderr
     assert "over 3 greedy episodes" in result.stdout and "done:" not in result.stdout  # evaluated, did not train
+    result = run_script("ppo_continuous.py", "--resume", str(run_dir / "checkpoint.pt"), cwd=workdir)
+    assert result.returncode == 2 and "trained with --env-id Pendulum-v1" in result.stderr  # resuming repeats the env
 
     result = run_script(
         "ppo_continuous.py", *PENDULUM, "--total-timesteps", "1536", "--resume", str(run_dir / "checkpoint.pt"),
@@ -326,6 +330,7 @@ def test_capture_video_of_evaluation(workdir):
         (["--env-id", "tests.toy_envs:DictObsToy-v0"], "Box observations, not Dict"),
         (["--env-id", "CheetahRun-v1", "--capture-video"], "--capture-video"),
         (["--eval-checkpoint", "missing.pt"], "--eval-checkpoint missing.pt: no such file"),
+        (["--mask-velocity"], "--mask-velocity: no velocity entries known for HalfCheetah-v4"),
     ],
 )
 def test_bad_input_gives_one_clear_line(workdir, args, message):
@@ -334,6 +339,18 @@ def test_bad_input_gives_one_clear_line(workdir, args, message):
     assert "Traceback" not in result.stderr
     assert message in result.stderr, result.stderr
     assert not (workdir / "runs").exists()  # rejected before any work started
+
+
+def test_mask_velocity_comes_before_normalisation(workdir):
+    result = run_script(
+        "ppo_continuous.py", *PENDULUM, "--mask-velocity", "--total-timesteps", "512", "--eval-episodes", "1",
+        cwd=workdir,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    ckpt = torch.load(only_run_dir(workdir) / "checkpoint.pt", weights_only=True)
+    assert ckpt["args"]["mask_velocity"] is True
+    # Pendulum's angular velocity (entry 2) is zeroed before the normaliser sees it: mean 0, variance ~0
+    assert ckpt["obs_rms"]["mean"][2] == 0 and ckpt["obs_rms"]["var"][2] < 1e-6 < ckpt["obs_rms"]["var"][:2].min()
 
 
 def test_checkpoint_of_the_other_script_is_refused(workdir):
