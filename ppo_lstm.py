@@ -121,10 +121,16 @@ warnings.filterwarnings("ignore", message=".*(EnvPool seeds are fixed|precision 
 # Envpool is faster than gymnasium's SyncVectorEnv from this many CartPoles on (2-core machine, see README).
 ENVPOOL_MIN_ENVS = 16
 
-# The velocity entries of the classic control observations, by env name, as RL Zoo's velocity-masked `*NoVel` envs:
-# CartPole's cart and pole, Pendulum's and Acrobot's angular ones, MountainCar's, LunarLander's x, y and angular one.
-VELOCITY_ENTRIES = {"CartPole": [1, 3], "Pendulum": [2], "Acrobot": [4, 5], "MountainCar": [1]}
-VELOCITY_ENTRIES |= {"MountainCarContinuous": [1], "LunarLander": [2, 3, 5], "LunarLanderContinuous": [2, 3, 5]}
+# The velocity entries of the classic control observations, by env name (as RL Zoo's velocity-masked `*NoVel` envs).
+VELOCITY_ENTRIES = {
+    "CartPole": [1, 3],  # the cart's velocity, the pole's angular velocity
+    "Pendulum": [2],  # angular velocity
+    "Acrobot": [4, 5],  # the two links' angular velocities
+    "MountainCar": [1],
+    "MountainCarContinuous": [1],
+    "LunarLander": [2, 3, 5],  # x and y velocity, angular velocity
+    "LunarLanderContinuous": [2, 3, 5],
+}
 
 
 def env_name(env_id: str) -> str:
@@ -271,7 +277,9 @@ class Encoder(nn.Module):
 
     def forward(self, x):
         if self.image:
-            return self.net((x.permute(0, 3, 1, 2) if self.channels_last else x).float() / 255)
+            x = x.permute(0, 3, 1, 2) if self.channels_last else x
+            # in channels-last memory, the layout that oneDNN's convolutions run fastest in (update 20% faster)
+            return self.net(x.contiguous(memory_format=torch.channels_last) / 255.0)
         return self.net(F.one_hot(x.long(), self.onehot).float() if self.onehot else x.flatten(1))
 
 
@@ -325,10 +333,12 @@ class Agent(nn.Module):
         features = self.encode(x)
         h, c = lstm_state
         if len(features) == h.shape[1]:  # one step of every env: the rollout and evaluation
+            if starts.any():  # an episode begins: its env's state restarts from zeros
+                keep = (~starts).view(1, -1, 1).float()
+                h, c = h * keep, c * keep
             # The LSTM's cells, layer by layer: 2x faster than a call of the whole nn.LSTM for a single step.
-            keep = (~starts).view(1, -1, 1).float()
             hidden, states = features, []
-            for h_layer, c_layer, weights in zip(h * keep, c * keep, self.lstm.all_weights):
+            for h_layer, c_layer, weights in zip(h, c, self.lstm.all_weights):
                 states.append(torch.lstm_cell(hidden, (h_layer, c_layer), *weights))
                 hidden = states[-1][0]
             return hidden, tuple(torch.stack(s) for s in zip(*states))
@@ -631,7 +641,9 @@ def main(args: Args) -> None:
         raise UserError(f"--capture-video: videos are rendered by gymnasium, which has no env {args.env_id}")
     if args.capture_video and sys.platform == "linux" and not os.environ.get("DISPLAY"):
         os.environ.setdefault("MUJOCO_GL", "egl")  # MuJoCo renders through a window (GLFW) by default: none here
-    # One torch thread: at a small MLP's and LSTM's sizes a second thread's synchronisation costs more than it brings.
+    # One torch thread: at a small MLP's and LSTM's sizes a second thread's synchronisation costs more than it brings
+    # (and makes a run ten times slower when another process holds a core). A CNN is the exception (below).
+    cores = torch.get_num_threads()
     torch.set_num_threads(1)
 
     if args.eval_checkpoint:
@@ -662,6 +674,8 @@ def main(args: Args) -> None:
     agent = Agent(envs.single_observation_space, envs.single_action_space, args.lstm_hidden_size, args.lstm_num_layers)
     prepare = ObsPreparer(envs.single_observation_space, args.env_id, args.mask_velocity, args.norm_obs)
     return_scaler = ReturnScaler(args.num_envs, args.gamma) if args.norm_reward else None
+    if any(encoder.image for encoder in agent.encoders):
+        torch.set_num_threads(cores)  # convolutions use every core well: Breakout 1.5x faster on 2 cores
     flat_params = flatten_parameters(agent)
     # Fused Adam: a third of the time of the default implementation on the CPU.
     optimizer = torch.optim.Adam([flat_params], lr=args.learning_rate, eps=1e-5, fused=True)
