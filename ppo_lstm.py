@@ -59,7 +59,7 @@ class Args:
     eval_checkpoint: str | None = None
     """evaluate the checkpoint at this path with the greedy policy, then exit without training"""
     resume: str | None = None
-    """continue the run of the checkpoint at this path (weights, optimizer, step, lr schedule, LSTM, obs flags)"""
+    """continue the run of the checkpoint at this path (weights, optimizer, global step, lr schedule)"""
 
     # Algorithm specific arguments
     env_id: str = "CartPole-v1"
@@ -121,16 +121,10 @@ warnings.filterwarnings("ignore", message=".*(EnvPool seeds are fixed|precision 
 # Envpool is faster than gymnasium's SyncVectorEnv from this many CartPoles on (2-core machine, see README).
 ENVPOOL_MIN_ENVS = 16
 
-# The velocity entries of the classic control observations, by env name (as RL Zoo's velocity-masked `*NoVel` envs).
-VELOCITY_ENTRIES = {
-    "CartPole": [1, 3],  # the cart's velocity, the pole's angular velocity
-    "Pendulum": [2],  # angular velocity
-    "Acrobot": [4, 5],  # the two links' angular velocities
-    "MountainCar": [1],
-    "MountainCarContinuous": [1],
-    "LunarLander": [2, 3, 5],  # x and y velocity, angular velocity
-    "LunarLanderContinuous": [2, 3, 5],
-}
+# The velocity entries of the classic control observations, by env name, as RL Zoo's velocity-masked `*NoVel` envs:
+# CartPole's cart and pole, Pendulum's and Acrobot's angular ones, MountainCar's, LunarLander's x, y and angular one.
+VELOCITY_ENTRIES = {"CartPole": [1, 3], "Pendulum": [2], "Acrobot": [4, 5], "MountainCar": [1]}
+VELOCITY_ENTRIES |= {"MountainCarContinuous": [1], "LunarLander": [2, 3, 5], "LunarLanderContinuous": [2, 3, 5]}
 
 
 def env_name(env_id: str) -> str:
@@ -201,6 +195,16 @@ def make_envs(env_id: str, num_envs: int, seed: int, backend: str, video_folder:
         return env
 
     return gym.vector.SyncVectorEnv([make_env] * num_envs, autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
+
+
+def velocity_mask(args: Args, obs_space: gym.Space) -> np.ndarray | None:
+    """With --mask-velocity, the factor that zeroes the velocity entries of an observation (a partially observable
+    task, for comparison with ppo_lstm.py); None otherwise."""
+    if not args.mask_velocity:
+        return None
+    mask = np.ones(obs_space.shape, np.float32)
+    mask[VELOCITY_ENTRIES[env_name(args.env_id)]] = 0
+    return mask
 
 
 def action_nvec(space: gym.Space) -> np.ndarray:
@@ -529,16 +533,13 @@ class ObsPreparer:
     vector per env (the Agent splits it again), velocities zeroed (--mask-velocity), normalised (--norm-obs); images
     stay uint8, everything else becomes float32."""
 
-    def __init__(self, space: gym.Space, env_id: str, mask_velocity: bool, norm_obs: bool):
+    def __init__(self, space: gym.Space, args: Args):
         self.keys = list(space) if isinstance(space, gym.spaces.Dict) else None
         self.dtype = np.uint8 if is_image(space) else np.float32
-        self.velocity_mask = None
-        if mask_velocity:
-            self.velocity_mask = np.ones(space.shape, np.float32)
-            self.velocity_mask[VELOCITY_ENTRIES[env_name(env_id)]] = 0
-        if norm_obs and (not isinstance(space, gym.spaces.Box) or is_image(space)):
+        self.velocity_mask = velocity_mask(args, space)
+        if args.norm_obs and (not isinstance(space, gym.spaces.Box) or is_image(space)):
             raise UserError(f"--norm-obs normalises Box observations other than images, not {space}")
-        self.obs_norm = ObsNormalizer(space.shape) if norm_obs else None
+        self.obs_norm = ObsNormalizer(space.shape) if args.norm_obs else None
 
     def __call__(self, obs, update: bool = True) -> np.ndarray:
         """update=False freezes the normalisation statistics (evaluation)."""
@@ -607,20 +608,13 @@ def load_checkpoint(path: str, flag: str, script: str) -> dict:
     return checkpoint
 
 
-def load_agent(agent: Agent, prepare: ObsPreparer, checkpoint: dict, flag: str) -> None:
+def load_agent(agent: Agent, checkpoint: dict, flag: str) -> None:
     try:
         agent.load_state_dict(checkpoint["model"])
     except (KeyError, RuntimeError):
         raise UserError(
             f"{flag}: the checkpoint's network does not fit {checkpoint['args']['env_id']}'s spaces"
         ) from None
-    if prepare.obs_norm:
-        prepare.obs_norm.load_state_dict(checkpoint["obs_rms"])
-
-
-# What a run's network is and what it sees and learns from: --eval-checkpoint and --resume take these from the
-# checkpoint, whatever the flags say.
-RUN_ARGS = ("lstm_hidden_size", "lstm_num_layers", "mask_velocity", "norm_obs", "norm_reward")
 
 
 def main(args: Args) -> None:
@@ -630,12 +624,14 @@ def main(args: Args) -> None:
     if args.eval_checkpoint or args.resume:
         flag = "--eval-checkpoint" if args.eval_checkpoint else "--resume"
         checkpoint = load_checkpoint(args.eval_checkpoint or args.resume, flag, script)
-        if args.eval_checkpoint:
-            args.env_id = checkpoint["args"]["env_id"]
-        elif checkpoint["args"]["env_id"] != args.env_id:
-            raise UserError(f"--resume: the checkpoint trained on {checkpoint['args']['env_id']}; pass that --env-id")
-        for key in RUN_ARGS:
-            setattr(args, key, checkpoint["args"][key])
+        # The env, its observations and the network are the checkpoint's: evaluation takes them, resuming must repeat
+        # them.
+        for key in ("env_id", "mask_velocity", "norm_obs", "norm_reward", "lstm_hidden_size", "lstm_num_layers"):
+            value = checkpoint["args"].get(key, False)
+            if args.eval_checkpoint:
+                setattr(args, key, value)
+            elif value != getattr(args, key):
+                raise UserError(f"--resume: the checkpoint trained with --{key.replace('_', '-')} {value}; pass that")
     backend = choose_backend(args.env_id, args.num_envs, args.env_backend)
     if args.capture_video and args.eval_episodes and not gymnasium_has(args.env_id):
         raise UserError(f"--capture-video: videos are rendered by gymnasium, which has no env {args.env_id}")
@@ -651,9 +647,11 @@ def main(args: Args) -> None:
         agent = Agent(
             envs.single_observation_space, envs.single_action_space, args.lstm_hidden_size, args.lstm_num_layers
         )
-        prepare = ObsPreparer(envs.single_observation_space, args.env_id, args.mask_velocity, args.norm_obs)
+        prepare = ObsPreparer(envs.single_observation_space, args)
         envs.close()
-        load_agent(agent, prepare, checkpoint, "--eval-checkpoint")
+        load_agent(agent, checkpoint, "--eval-checkpoint")
+        if prepare.obs_norm:
+            prepare.obs_norm.load_state_dict(checkpoint["obs_rms"])
         video_folder = os.path.join(os.path.dirname(args.eval_checkpoint), "videos") if args.capture_video else None
         run_evaluation(agent, prepare, args, backend, args.seed, video_folder)
         return
@@ -672,7 +670,7 @@ def main(args: Args) -> None:
 
     envs = make_envs(args.env_id, args.num_envs, seed, backend)
     agent = Agent(envs.single_observation_space, envs.single_action_space, args.lstm_hidden_size, args.lstm_num_layers)
-    prepare = ObsPreparer(envs.single_observation_space, args.env_id, args.mask_velocity, args.norm_obs)
+    prepare = ObsPreparer(envs.single_observation_space, args)
     return_scaler = ReturnScaler(args.num_envs, args.gamma) if args.norm_reward else None
     if any(encoder.image for encoder in agent.encoders):
         torch.set_num_threads(cores)  # convolutions use every core well: Breakout 1.5x faster on 2 cores
@@ -680,8 +678,10 @@ def main(args: Args) -> None:
     # Fused Adam: a third of the time of the default implementation on the CPU.
     optimizer = torch.optim.Adam([flat_params], lr=args.learning_rate, eps=1e-5, fused=True)
     if checkpoint:
-        load_agent(agent, prepare, checkpoint, "--resume")
+        load_agent(agent, checkpoint, "--resume")
         optimizer.load_state_dict(checkpoint["optimizer"])
+        if prepare.obs_norm:
+            prepare.obs_norm.load_state_dict(checkpoint["obs_rms"])
         if return_scaler:
             return_scaler.load_state_dict(checkpoint["return_rms"])
         run_dir = os.path.dirname(os.path.abspath(args.resume))  # the resumed run's curves go on in its folder

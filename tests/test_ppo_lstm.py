@@ -76,7 +76,7 @@ def test_replay_matches_the_lstm_run_episode_by_episode():
 def rollouts(agent, envs, num_steps, iterations, seed):
     """main's rollout loop, with the same storage and state bookkeeping; returns the last rollout's batch as main
     builds it, and the LSTM state at its start."""
-    prepare = ppo_lstm.ObsPreparer(envs.single_observation_space, "toy", False, False)
+    prepare = ppo_lstm.ObsPreparer(envs.single_observation_space, ppo_lstm.Args())
     next_obs = prepare(envs.reset(seed=seed)[0])
     obs = np.zeros((num_steps, *next_obs.shape), dtype=next_obs.dtype)
     logprobs, values = (
@@ -166,16 +166,16 @@ def test_dict_observations_get_one_encoder_per_key():
     agent = make_agent(space, gym.spaces.Discrete(2))
     samples = [space.sample() for _ in range(4)]
     batched = {k: np.stack([s[k] for s in samples]) for k in space}
-    flat = torch.from_numpy(ppo_lstm.ObsPreparer(space, "toy", False, False)(batched))
+    flat = torch.from_numpy(ppo_lstm.ObsPreparer(space, ppo_lstm.Args())(batched))
     assert flat.dtype == torch.float32 and flat.shape == (4, 36 * 36 * 3 + 1 + 2)
     by_key = [e(torch.as_tensor(batched[k])) for e, k in zip(agent.encoders, space)]
     torch.testing.assert_close(agent.encode(flat), torch.cat(by_key, 1))
 
 
 def test_mask_velocity_zeroes_velocities():
-    prepare = ppo_lstm.ObsPreparer(gym.spaces.Box(-1, 1, (4,)), "CartPole-v1", True, False)
+    prepare = ppo_lstm.ObsPreparer(gym.spaces.Box(-1, 1, (4,)), ppo_lstm.Args(env_id="CartPole-v1", mask_velocity=True))
     np.testing.assert_array_equal(prepare(np.ones((2, 4), np.float32)), [[1, 0, 1, 0]] * 2)
-    prepare = ppo_lstm.ObsPreparer(gym.spaces.Box(-1, 1, (3,)), "Pendulum-v1", True, False)
+    prepare = ppo_lstm.ObsPreparer(gym.spaces.Box(-1, 1, (3,)), ppo_lstm.Args(env_id="Pendulum-v1", mask_velocity=True))
     np.testing.assert_array_equal(prepare(np.full((1, 3), 2, np.float32)), [[2, 2, 0]])
 
 
@@ -234,17 +234,24 @@ def test_the_issue_command(workdir):
 
 
 def test_checkpoint_eval_resume_rebuild_the_network(workdir):
-    args = ["--env-id", "CartPole-v1", "--mask-velocity", "--lstm-hidden-size", "32", "--lstm-num-layers", "2"]
-    result = run_script("ppo_lstm.py", *args, *SMALL, "--total-timesteps", "256", "--eval-episodes", "0", cwd=workdir)
+    args = ["--env-id", "CartPole-v1", "--mask-velocity", "--lstm-hidden-size", "32", "--lstm-num-layers", "2", *SMALL]
+    result = run_script("ppo_lstm.py", *args, "--total-timesteps", "256", "--eval-episodes", "0", cwd=workdir)
     assert result.returncode == 0, result.stderr
     run_dir = only_run_dir(workdir)
     ckpt_path = str(run_dir / "checkpoint.pt")
-    # evaluation and resumption take the network and --mask-velocity from the checkpoint, not from the flags
+    # evaluation takes the env, --mask-velocity and the network from the checkpoint, whatever the flags say
     result = run_script("ppo_lstm.py", "--eval-checkpoint", ckpt_path, "--eval-episodes", "3", cwd=workdir)
     assert result.returncode == 0, result.stderr
     assert "over 3 greedy episodes" in result.stdout and "done:" not in result.stdout
+    # resuming must repeat them
+    without_lstm_flags = ["--env-id", "CartPole-v1", "--mask-velocity", *SMALL]
     result = run_script(
-        "ppo_lstm.py", *SMALL, "--total-timesteps", "512", "--resume", ckpt_path, "--eval-episodes", "0", cwd=workdir
+        "ppo_lstm.py", *without_lstm_flags, "--resume", ckpt_path, "--total-timesteps", "512", cwd=workdir
+    )
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "--resume: the checkpoint trained with --lstm-hidden-size 32; pass that" in result.stderr, result.stderr
+    result = run_script(
+        "ppo_lstm.py", *args, "--total-timesteps", "512", "--resume", ckpt_path, "--eval-episodes", "0", cwd=workdir
     )
     assert result.returncode == 0, result.stderr
     resumed = torch.load(ckpt_path, weights_only=True)
