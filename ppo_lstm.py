@@ -250,8 +250,8 @@ class Encoder(nn.Module):
         super().__init__()
         self.image = is_image(space)
         if self.image:
-            self.channels_last = int(np.argmin(space.shape)) == 2
-            channels, height, width = np.roll(space.shape, 1) if self.channels_last else space.shape
+            self.hwc = int(np.argmin(space.shape)) == 2  # height, width, channels (else channels first)
+            channels, height, width = np.roll(space.shape, 1) if self.hwc else space.shape
             self.net = nn.Sequential(
                 layer_init(nn.Conv2d(channels, 32, 8, stride=4)),
                 nn.ReLU(),
@@ -281,7 +281,7 @@ class Encoder(nn.Module):
 
     def forward(self, x):
         if self.image:
-            x = x.permute(0, 3, 1, 2) if self.channels_last else x
+            x = x.permute(0, 3, 1, 2) if self.hwc else x
             # in channels-last memory, the layout that oneDNN's convolutions run fastest in (update 20% faster)
             return self.net(x.contiguous(memory_format=torch.channels_last) / 255.0)
         return self.net(F.one_hot(x.long(), self.onehot).float() if self.onehot else x.flatten(1))
