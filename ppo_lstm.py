@@ -81,7 +81,10 @@ class Args:
     gae_lambda: float = 0.95
     """the lambda of the general advantage estimation"""
     num_minibatches: int = 4
-    """the number of minibatches per update epoch; each holds the whole sequences of --num-envs / this many envs"""
+    """the number of minibatches per update epoch; each holds whole sequences (see --seq-len)"""
+    seq_len: int = 0
+    """the length of the sequences the training pass replays, each from the LSTM state stored at its first step
+    (0: the whole rollout of each env; shorter ones allow more minibatches than envs)"""
     update_epochs: int = 4
     """the number of epochs over the rollout per update"""
     norm_adv: bool = True
@@ -140,10 +143,15 @@ def validate_args(args: Args) -> None:
     if args.eval_episodes < 0 or args.save_interval < 0:
         raise UserError("--eval-episodes and --save-interval must be 0 or more")
     batch_size = args.num_envs * args.num_steps
-    if args.num_envs % args.num_minibatches:
+    seq_len = args.seq_len or args.num_steps
+    if args.seq_len < 0 or args.num_steps % seq_len:
+        raise UserError(f"--seq-len {args.seq_len} does not divide --num-steps {args.num_steps} (0: whole rollouts)")
+    num_sequences = args.num_envs * (args.num_steps // seq_len)
+    if num_sequences % args.num_minibatches:
         raise UserError(
-            f"--num-minibatches {args.num_minibatches} does not divide --num-envs {args.num_envs}: "
-            "a minibatch holds the whole sequences of some envs"
+            f"--num-minibatches {args.num_minibatches} does not divide the {num_sequences} sequences of a rollout "
+            f"(--num-envs {args.num_envs} x --num-steps {args.num_steps} / --seq-len {seq_len}): "
+            "a minibatch holds whole sequences"
         )
     if args.total_timesteps < batch_size and not args.eval_checkpoint:
         raise UserError(f"--total-timesteps {args.total_timesteps} is less than one batch of {batch_size} steps")
@@ -720,19 +728,25 @@ def main(args: Args) -> None:
     truncations = np.zeros((args.num_steps, args.num_envs), dtype=bool)
     resets = np.zeros((args.num_steps, args.num_envs), dtype=bool)
     starts = np.zeros((args.num_steps, args.num_envs), dtype=bool)
+    # The LSTM state (h, c) before each step, [num_steps, 2, layers, num_envs, hidden]: the training pass replays
+    # sequences of --seq-len steps, each from the state stored at its first step. Sequence i covers steps
+    # seq_t0[i] .. seq_t0[i] + seq_len - 1 of env seq_env[i].
+    lstm_state = agent.initial_state(args.num_envs)
+    lstm_states = np.zeros((args.num_steps, 2, *lstm_state[0].shape), dtype=np.float32)
+    seq_len = args.seq_len or args.num_steps
+    num_sequences = args.num_envs * (args.num_steps // seq_len)
+    seq_t0 = torch.arange(num_sequences).div(args.num_envs, rounding_mode="floor") * seq_len
+    seq_env = torch.arange(num_sequences) % args.num_envs
 
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
     tracker, recent_returns = EpisodeTracker(args.num_envs), deque(maxlen=100)
     interactive, last_print = sys.stdout.isatty(), 0.0
-    lstm_state = agent.initial_state(args.num_envs)
     start_time, start_step = time.time(), global_step
 
     for iteration in range(start_iteration, num_iterations + 1):
         if args.anneal_lr:
             frac = 1.0 - (iteration - 1.0) / num_iterations
             optimizer.param_groups[0]["lr"] = frac * args.learning_rate
-        # The training pass replays each env's sequence from the state it had at the start of the rollout.
-        initial_lstm_state = [s.clone() for s in lstm_state]  # a clone outside inference mode can enter autograd
 
         for step in range(args.num_steps):
             global_step += args.num_envs
@@ -743,6 +757,7 @@ def main(args: Args) -> None:
             starts[step], resets[step] = resets[step - 1], tracker.reset
             # The rollout policy runs in torch: an LSTM or a CNN does not fit ppo.py's NumPy policy.
             with torch.inference_mode():
+                lstm_states[step] = torch.stack(lstm_state).numpy()
                 action, logprob, _, value, lstm_state = agent.get_action_and_value(
                     torch.from_numpy(obs[step]), lstm_state, torch.from_numpy(starts[step])
                 )
@@ -764,20 +779,23 @@ def main(args: Args) -> None:
             rewards, values, terminations, truncations, resets, next_value, args.gamma, args.gae_lambda
         )
 
-        # The batch keeps every step in time-major order [num_steps * num_envs], so that whole sequences replay; the
+        # The batch keeps every step in time-major order [num_steps * num_envs], so that sequences replay; the
         # reset steps of next-step autoreset are replayed (the state runs through them) but never trained on.
         b_obs = torch.from_numpy(obs.reshape(batch_size, *obs.shape[2:]))
         b_actions = torch.from_numpy(actions.reshape(batch_size, -1))
         b_logprobs, b_advantages, b_returns, b_values, b_starts, b_transition = (
             torch.from_numpy(x.reshape(-1)) for x in (logprobs, advantages, returns, values, starts, ~resets)
         )
+        b_lstm_states = torch.from_numpy(lstm_states)
 
         stats, num_updates = torch.zeros(6), 0
         for epoch in range(args.update_epochs):
-            for mb_envs in torch.randperm(args.num_envs).tensor_split(args.num_minibatches):
-                mb_inds = (torch.arange(args.num_steps)[:, None] * args.num_envs + mb_envs).reshape(-1)
+            for mb_seqs in torch.randperm(num_sequences).tensor_split(args.num_minibatches):
+                t0, env = seq_t0[mb_seqs], seq_env[mb_seqs]
+                mb_inds = ((t0 + torch.arange(seq_len)[:, None]) * args.num_envs + env).reshape(-1)
+                mb_state = b_lstm_states[t0, :, :, env].movedim(0, 2)  # [2, layers, sequences, hidden]
                 _, newlogprob, entropy, newvalue, _ = agent.get_action_and_value(
-                    b_obs[mb_inds], [s[:, mb_envs] for s in initial_lstm_state], b_starts[mb_inds], b_actions[mb_inds]
+                    b_obs[mb_inds], mb_state, b_starts[mb_inds], b_actions[mb_inds]
                 )
                 keep = b_transition[mb_inds]
                 newlogprob, entropy, newvalue, mb_inds = newlogprob[keep], entropy[keep], newvalue[keep], mb_inds[keep]
