@@ -39,14 +39,19 @@ done
 [[ $seeds =~ ^[1-9][0-9]*$ ]] || { echo "error: --seeds $seeds must be a positive integer" >&2; exit 2; }
 [[ $workers =~ ^[1-9][0-9]*$ ]] || { echo "error: --workers $workers must be a positive integer" >&2; exit 2; }
 
+# RL Zoo's tuned PPO settings for its velocity-masked tasks (hyperparams/ppo_lstm.yml: CartPoleNoVel-v1,
+# PendulumNoVel-v1), given to the recurrent script and, for comparison, to the feed-forward one.
+CARTPOLE_NOVEL="--mask-velocity --num-envs 8 --num-steps 32 --num-minibatches 1 --update-epochs 20 --learning-rate 1e-3 --gamma 0.98 --gae-lambda 0.8 --ent-coef 0"
+PENDULUM_NOVEL="--mask-velocity --num-envs 4 --num-steps 1024 --num-minibatches 64 --update-epochs 10 --learning-rate 1e-3 --gamma 0.9 --gae-lambda 0.95 --ent-coef 0"
+
 # One run spec per line: task | script | env id | total steps | MPI ranks (0: no mpiexec) | flags
 case $preset in
   quick) specs="
 CartPole-v1|ppo.py|CartPole-v1|500000|0|
 Acrobot-v1|ppo.py|Acrobot-v1|500000|0|
 HalfCheetah-v4|ppo_continuous.py|HalfCheetah-v4|300000|0|
-CartPole-v1 velocity masked|ppo_lstm.py|CartPole-v1|100000|0|--mask-velocity
-CartPole-v1 velocity masked|ppo.py|CartPole-v1|100000|0|--mask-velocity" ;;
+CartPole-v1 velocity masked|ppo_lstm.py|CartPole-v1|100000|0|$CARTPOLE_NOVEL --lstm-hidden-size 64 --norm-obs
+CartPole-v1 velocity masked|ppo.py|CartPole-v1|100000|0|$CARTPOLE_NOVEL" ;;
   classic) specs="
 CartPole-v1|ppo.py|CartPole-v1|500000|0|
 Acrobot-v1|ppo.py|Acrobot-v1|500000|0|
@@ -56,14 +61,14 @@ HalfCheetah-v4|ppo_continuous.py|HalfCheetah-v4|1000000|0|
 Hopper-v4|ppo_continuous.py|Hopper-v4|1000000|0|
 Walker2d-v4|ppo_continuous.py|Walker2d-v4|1000000|0|" ;;
   atari) specs="
-Pong-v5|ppo_atari.py|Pong-v5|10000000|0|
-Breakout-v5|ppo_atari.py|Breakout-v5|10000000|0|
-BeamRider-v5|ppo_atari.py|BeamRider-v5|10000000|0|" ;;
+Pong-v5|ppo_atari.py|Pong-v5|10000000|0|--eval-episodes 0
+Breakout-v5|ppo_atari.py|Breakout-v5|10000000|0|--eval-episodes 0
+BeamRider-v5|ppo_atari.py|BeamRider-v5|10000000|0|--eval-episodes 0" ;;
   recurrent) specs="
-CartPole-v1 velocity masked|ppo_lstm.py|CartPole-v1|100000|0|--mask-velocity
-CartPole-v1 velocity masked|ppo.py|CartPole-v1|100000|0|--mask-velocity
-Pendulum-v1 velocity masked|ppo_lstm.py|Pendulum-v1|100000|0|--mask-velocity
-Pendulum-v1 velocity masked|ppo_continuous.py|Pendulum-v1|100000|0|--mask-velocity" ;;
+CartPole-v1 velocity masked|ppo_lstm.py|CartPole-v1|100000|0|$CARTPOLE_NOVEL --lstm-hidden-size 64 --norm-obs
+CartPole-v1 velocity masked|ppo.py|CartPole-v1|100000|0|$CARTPOLE_NOVEL
+Pendulum-v1 velocity masked|ppo_lstm.py|Pendulum-v1|100000|0|$PENDULUM_NOVEL --seq-len 64 --lstm-hidden-size 64 --norm-obs --norm-reward
+Pendulum-v1 velocity masked|ppo_continuous.py|Pendulum-v1|100000|0|$PENDULUM_NOVEL" ;;
   mpi) specs="
 CartPole-v1|ppo_mpi.py|CartPole-v1|500000|1|
 CartPole-v1|ppo_mpi.py|CartPole-v1|500000|2|
@@ -97,7 +102,7 @@ while IFS='|' read -r task script env steps ranks flags; do
   for seed in $(seq 1 "$seeds"); do
     dir="$out/$preset/${task// /_}/${label// /_}/seed$seed"
     # shellcheck disable=SC2086  # $flags holds several words on purpose
-    cmd=("${launch[@]}" --env-id "$env" --total-timesteps "$steps" --seed "$seed" --eval-episodes 0 $flags "${extra[@]}")
+    cmd=("${launch[@]}" --env-id "$env" --total-timesteps "$steps" --seed "$seed" $flags "${extra[@]}")
     if ((dry_run)); then echo "(cd $dir && ${cmd[*]})"; continue; fi
     if [[ -f $dir/done ]]; then echo "done already: $task, $label, seed $seed"; continue; fi
     [[ -f $repo/$script ]] || { echo "FAILED: $script does not exist yet ($task, seed $seed)" >&2; failures=$((failures + 1)); continue; }

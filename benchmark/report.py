@@ -7,7 +7,9 @@ TASK/SCRIPT/seedN/ holding `done` (wall seconds) or `failed`, log.txt and runs/*
 
 The final return of a run is the mean episodic return over its last 10% of episodes (at least one); a task's figure
 for a script is the mean ± std (over seeds, population std) of those finals. Steps/s is the run's own `charts/SPS`
-at its end (env steps over training wall time), averaged over seeds. The report goes to PRESET/report.md, the plots
+at its end (env steps over training wall time), averaged over seeds. The greedy evaluation after training
+(`eval/episodic_return`, the mean over --eval-episodes episodes) is reported the same way: RL Zoo's published figures
+are such evaluations of the final policy. The report goes to PRESET/report.md, the plots
 beside it.
 """
 
@@ -56,6 +58,7 @@ def load_runs(preset_dir: Path) -> list:
                 run["wall"] = float((seed_dir / "done").read_text())
                 run["curve"] = scalars.get("charts/episodic_return", [])
                 run["sps"] = scalars["charts/SPS"][-1][1] if "charts/SPS" in scalars else float("nan")
+                run["eval"] = scalars["eval/episodic_return"][-1][1] if "eval/episodic_return" in scalars else None
                 if not run["curve"]:
                     run["status"] = "no episodes"
             runs.append(run)
@@ -78,6 +81,7 @@ def summarise(runs: list) -> list:
         group = [r for r in runs if (r["task"], r["script"]) == key]
         done = [r for r in group if r["status"] == "done"]
         finals = [final_return([v for _, v in r["curve"]]) for r in done]
+        evals = [r["eval"] for r in done if r["eval"] is not None]
         rows.append(
             {
                 "task": key[0],
@@ -87,6 +91,7 @@ def summarise(runs: list) -> list:
                 "problems": [f"{r['dir'].name} {r['status']} ({r['dir'] / 'log.txt'})" for r in group if r not in done],
                 "mean": float(np.mean(finals)) if finals else float("nan"),
                 "std": float(np.std(finals)) if finals else float("nan"),
+                "eval": f"{np.mean(evals):.2f} ± {np.std(evals):.2f}" if len(evals) == len(done) and done else "-",
                 "sps": float(np.mean([r["sps"] for r in done])) if done else float("nan"),
                 "wall": float(np.mean([r["wall"] for r in done])) if done else float("nan"),
             }
@@ -96,8 +101,8 @@ def summarise(runs: list) -> list:
 
 def markdown(rows: list, published: dict, plots: dict) -> str:
     lines = [
-        "| task | script | steps | seeds | final return (mean ± std) | steps/s | wall time | published |",
-        "|---|---|---|---|---|---|---|---|",
+        "| task | script | steps | seeds | final return (mean ± std) | greedy eval | steps/s | wall time | published |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         refs = "; ".join(
@@ -106,7 +111,7 @@ def markdown(rows: list, published: dict, plots: dict) -> str:
         )
         result = f"{row['mean']:.2f} ± {row['std']:.2f}" if row["seeds"] else "no finished run"
         lines.append(
-            f"| {row['task']} | {row['script']} | {row['steps']:,} | {row['seeds']} | {result} | "
+            f"| {row['task']} | {row['script']} | {row['steps']:,} | {row['seeds']} | {result} | {row['eval']} | "
             f"{row['sps']:,.0f} | {row['wall'] / 60:.1f} min | {refs or '-'} |"
         )
     problems = [f"- {row['task']}, {row['script']}: {p}" for row in rows for p in row["problems"]]

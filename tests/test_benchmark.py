@@ -44,12 +44,14 @@ def test_bad_options(tmp_path):
         assert result.returncode == 2 and message in result.stderr
 
 
-def write_run(seed_dir, returns, sps=1000.0, wall=60):
+def write_run(seed_dir, returns, sps=1000.0, wall=60, eval_return=None):
     run_dir = seed_dir / "runs" / "run"
     writer = SummaryWriter(str(run_dir))
     for i, value in enumerate(returns):
         writer.add_scalar("charts/episodic_return", value, (i + 1) * 100)
     writer.add_scalar("charts/SPS", sps, len(returns) * 100)
+    if eval_return is not None:
+        writer.add_scalar("eval/episodic_return", eval_return, len(returns) * 100)
     writer.close()
     (seed_dir / "done").write_text(str(wall))
 
@@ -60,8 +62,8 @@ def make_preset(root):
     script_dir.mkdir(parents=True)
     (script_dir / "spec").write_text("CartPole-v1\nppo.py\nCartPole-v1\n2000\n")
     # 20 episodes: the final 10% are the last two, so the finals are 10 and 30
-    write_run(script_dir / "seed1", [0.0] * 18 + [10.0, 10.0], sps=1000, wall=60)
-    write_run(script_dir / "seed2", [0.0] * 18 + [20.0, 40.0], sps=3000, wall=180)
+    write_run(script_dir / "seed1", [0.0] * 18 + [10.0, 10.0], sps=1000, wall=60, eval_return=100.0)
+    write_run(script_dir / "seed2", [0.0] * 18 + [20.0, 40.0], sps=3000, wall=180, eval_return=200.0)
     (script_dir / "seed3").mkdir()
     (script_dir / "seed3" / "failed").touch()
     (script_dir / "seed4").mkdir()  # started, never finished
@@ -88,8 +90,9 @@ def test_report_on_synthetic_runs(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     text = (tmp_path / "report.md").read_text()
-    assert "| CartPole-v1 | ppo.py | 2,000 | 2 | 20.00 ± 10.00 | 2,000 | 2.0 min | 490.04 ± 6.12" in text
-    assert "| CartPole-v1 | ppo_x.py | 2,000 | 1 | 5.00 ± 0.00 |" in text
+    row = "| CartPole-v1 | ppo.py | 2,000 | 2 | 20.00 ± 10.00 | 150.00 ± 50.00 | 2,000 | 2.0 min | 490.04 ± 6.12"
+    assert row in text
+    assert "| CartPole-v1 | ppo_x.py | 2,000 | 1 | 5.00 ± 0.00 | - |" in text  # no evaluation logged
     assert str(tmp_path / "CartPole-v1" / "ppo.py" / "seed3" / "log.txt") in text  # the failed run's log
     assert (tmp_path / "CartPole-v1.png").stat().st_size > 5000
 
