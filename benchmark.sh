@@ -5,6 +5,7 @@
 #   ./benchmark.sh --preset quick                      # ~20 min on 2 cores; says whether the scripts still learn
 #   ./benchmark.sh --preset classic --seeds 5 --workers 2
 #   ./benchmark.sh --preset mujoco --dry-run           # print the commands only
+#   ./benchmark.sh --preset mujoco --tasks 'Hopper|Walker'   # only the tasks that match this regular expression
 #   ./benchmark.sh --preset classic -- --num-envs 8    # flags after -- go to every script
 #
 # Each run lives in OUT/PRESET/TASK/SCRIPT/seedN/ (its log, its runs/ folder, a `done` file with its wall time);
@@ -16,17 +17,18 @@ set -euo pipefail
 usage() {
   sed -n '2,/^set /{/^#/s/^# \{0,1\}//p}' "$0"
   echo "Options: --preset quick|classic|mujoco|atari|recurrent|mpi  --seeds N (3)  --workers N (1)"
-  echo "         --out DIR (benchmark/results)  --python PATH (.venv/bin/python)  --dry-run  -- FLAGS"
+  echo "         --tasks REGEX (all)  --out DIR (benchmark/results)  --python PATH (.venv/bin/python)  --dry-run  -- FLAGS"
 }
 
 repo=$(cd "$(dirname "$0")" && pwd)
-preset="" seeds=3 workers=1 out="$repo/benchmark/results" dry_run=0 extra=()
+preset="" tasks="" seeds=3 workers=1 out="$repo/benchmark/results" dry_run=0 extra=()
 python="$repo/.venv/bin/python"
 [[ -x $python ]] || python=python3
 while (($#)); do
   case $1 in
     --preset) preset=$2; shift 2 ;;
     --seeds) seeds=$2; shift 2 ;;
+    --tasks) tasks=$2; shift 2 ;;
     --workers) workers=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
     --python) python=$2; shift 2 ;;
@@ -96,6 +98,7 @@ failures=0
 reap() { wait -n && return 0; failures=$((failures + 1)); }
 while IFS='|' read -r task script env steps ranks flags; do
   [[ -n $task ]] || continue
+  [[ -z $tasks || $task =~ $tasks ]] || continue
   label=$script
   launch=("$python" "$repo/$script")
   if ((ranks > 0)); then label="$script x$ranks" launch=(mpiexec -n "$ranks" "${launch[@]}"); fi

@@ -34,6 +34,13 @@ def test_dry_run_prints_every_command(tmp_path, preset):
     assert not (tmp_path / "out").exists()  # a dry run starts nothing
 
 
+def test_tasks_selects_matching_tasks(tmp_path):
+    result = bench("--preset", "mujoco", "--tasks", "Hopper|Walker", "--seeds", "1", "--dry-run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    env_ids = [line.split("--env-id ")[1].split()[0] for line in result.stdout.splitlines()]
+    assert env_ids == ["Hopper-v4", "Walker2d-v4"]
+
+
 def test_bad_options(tmp_path):
     for args, message in [
         ([], "--preset is required"),
