@@ -69,7 +69,7 @@ BeamRider-v5|ppo_atari.py|BeamRider-v5|10000000|0|--eval-episodes 0" ;;
   recurrent) specs="
 CartPole-v1 velocity masked|ppo_lstm.py|CartPole-v1|100000|0|$CARTPOLE_NOVEL --lstm-hidden-size 64 --norm-obs
 CartPole-v1 velocity masked|ppo.py|CartPole-v1|100000|0|$CARTPOLE_NOVEL
-Pendulum-v1 velocity masked|ppo_lstm.py|Pendulum-v1|100000|0|$PENDULUM_NOVEL --seq-len 64 --lstm-hidden-size 64 --norm-obs --norm-reward
+Pendulum-v1 velocity masked|ppo_lstm.py|Pendulum-v1|100000|0|$PENDULUM_NOVEL --seq-len 64 --norm-obs --norm-reward
 Pendulum-v1 velocity masked|ppo_continuous.py|Pendulum-v1|100000|0|$PENDULUM_NOVEL" ;;
   mpi) specs="
 CartPole-v1|ppo_mpi.py|CartPole-v1|500000|1|
