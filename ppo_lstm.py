@@ -190,11 +190,32 @@ def choose_backend(env_id: str, num_envs: int, backend: str) -> str:
     return backend
 
 
+def is_atari(env_id: str, backend: str) -> bool:
+    spec = envpool.registration.registry.specs.get(env_id)
+    return backend == "envpool" and spec is not None and spec[0] == "envpool.atari"
+
+
 def make_envs(env_id: str, num_envs: int, seed: int, backend: str, video_folder: str | None = None):
     """Vector envs with next-step autoreset, whoever steps them: after a step that ends an episode, the next step
-    returns the first observation of the new episode with reward 0 and ignores its action."""
+    returns the first observation of the new episode with reward 0 and ignores its action. Atari games get the
+    preprocessing of CleanRL's ppo_atari_lstm.py (ppo_atari.py's, but one frame, not four: the LSTM remembers)."""
     if backend == "envpool":
-        return envpool.make(env_id, env_type="gymnasium", num_envs=num_envs, seed=seed)
+        atari = dict(
+            noop_max=30,
+            frame_skip=4,
+            img_height=84,
+            img_width=84,
+            gray_scale=True,
+            stack_num=1,
+            episodic_life=True,  # a lost life ends the training episode (the state restarts); info keeps the game
+            use_fire_reset=True,
+            reward_clip=True,  # training rewards clipped to their sign; info["reward"] keeps the real score
+            repeat_action_probability=0.0,
+            max_episode_steps=27000,  # 108,000 frames
+        )
+        return envpool.make(
+            env_id, env_type="gymnasium", num_envs=num_envs, seed=seed, **(atari if is_atari(env_id, backend) else {})
+        )
 
     def make_env():
         env = gym.make(env_id, **({"render_mode": "rgb_array"} if video_folder else {}))  # not every env takes it
@@ -560,21 +581,26 @@ class ObsPreparer:
         return obs.astype(self.dtype, copy=False)
 
 
-def evaluate(agent: Agent, prepare: ObsPreparer, envs, num_episodes: int, seed: int) -> list:
+def evaluate(agent: Agent, prepare: ObsPreparer, envs, num_episodes: int, seed: int, atari: bool = False) -> list:
     """Real episodic returns of num_episodes played with the greedy policy (the most likely action, or the Gaussian's
-    mean), the LSTM state carried from step to step and restarted at each episode's first observation."""
+    mean), the LSTM state carried from step to step and restarted at each episode's first observation (for Atari,
+    at each life's), and for Atari the real scores of whole games."""
     next_obs = prepare(envs.reset(seed=seed)[0], update=False)
     lstm_state, start = agent.initial_state(envs.num_envs), np.zeros(envs.num_envs, dtype=bool)
-    tracker, returns = EpisodeTracker(envs.num_envs), []
+    tracker, games, returns = EpisodeTracker(envs.num_envs), EpisodeTracker(envs.num_envs), []
     while len(returns) < num_episodes:
         with torch.inference_mode():
             action, *_, lstm_state = agent.get_action_and_value(
                 torch.from_numpy(next_obs), lstm_state, torch.from_numpy(start), greedy=True
             )
         start = tracker.reset  # after a reset step comes an episode's first step
-        next_obs, reward, terminated, truncated, _ = envs.step(to_env_action(action.numpy(), envs.single_action_space))
+        action = to_env_action(action.numpy(), envs.single_action_space)
+        next_obs, reward, terminated, truncated, info = envs.step(action)
         next_obs = prepare(next_obs, update=False)
-        returns += [episode_return for episode_return, _ in tracker.step(reward, terminated, truncated)]
+        ended = tracker.step(reward, terminated, truncated)
+        if atari:
+            ended = games.step(info["reward"], info["terminated"].astype(bool), truncated)
+        returns += [episode_return for episode_return, _ in ended]
     return returns[:num_episodes]
 
 
@@ -583,7 +609,7 @@ def run_evaluation(
 ) -> list:
     """Evaluate on a fresh env (rendered by gymnasium when recording videos) and print mean ± std."""
     envs = make_envs(args.env_id, 1, seed, "gymnasium" if video_folder else backend, video_folder)
-    returns = evaluate(agent, prepare, envs, args.eval_episodes, seed)
+    returns = evaluate(agent, prepare, envs, args.eval_episodes, seed, is_atari(args.env_id, backend))
     envs.close()
     print(f"eval {args.env_id}: {np.mean(returns):.2f} ± {np.std(returns):.2f} over {len(returns)} greedy episodes")
     return returns
@@ -740,6 +766,8 @@ def main(args: Args) -> None:
 
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
     tracker, recent_returns = EpisodeTracker(args.num_envs), deque(maxlen=100)
+    # Atari: training episodes (tracker) end at every lost life; the statistics are those of whole games (games).
+    games = EpisodeTracker(args.num_envs) if is_atari(args.env_id, backend) else None
     interactive, last_print = sys.stdout.isatty(), 0.0
     start_time, start_step = time.time(), global_step
 
@@ -763,12 +791,15 @@ def main(args: Args) -> None:
                 )
             actions[step], logprobs[step], values[step] = action.numpy(), logprob.numpy(), value.numpy()
 
-            next_obs, reward, terminations[step], truncations[step], _ = envs.step(
+            next_obs, reward, terminations[step], truncations[step], info = envs.step(
                 to_env_action(actions[step], envs.single_action_space)
             )
             next_obs = prepare(next_obs)
             rewards[step] = return_scaler(reward, resets[step]) if return_scaler else reward
-            for episode_return, episode_length in tracker.step(reward, terminations[step], truncations[step]):
+            ended = tracker.step(reward, terminations[step], truncations[step])
+            if games:
+                ended = games.step(info["reward"], info["terminated"].astype(bool), truncations[step])
+            for episode_return, episode_length in ended:
                 recent_returns.append(episode_return)
                 writer.add_scalar("charts/episodic_return", episode_return, global_step)
                 writer.add_scalar("charts/episodic_length", episode_length, global_step)

@@ -167,6 +167,34 @@ def test_image_channels_first_or_last():
         ppo_lstm.Encoder(gym.spaces.Box(0, 255, (3, 20, 20), np.uint8))
 
 
+def test_atari_lives_end_training_episodes_and_games_are_scored_whole():
+    """Breakout as main steps it: one 84x84 frame (the LSTM remembers), a training episode per life with rewards
+    clipped to their sign, and the logged game (main's `games` tracker) is the real, unclipped score of all lives."""
+    envs = ppo_lstm.make_envs("Breakout-v5", 2, 1, "envpool")
+    assert ppo_lstm.is_atari("Breakout-v5", "envpool") and not ppo_lstm.is_atari("CartPole-v1", "envpool")
+    assert envs.single_observation_space.shape == (1, 84, 84)
+    envs.reset()
+    lives, games, rng = ppo_lstm.EpisodeTracker(2), ppo_lstm.EpisodeTracker(2), np.random.default_rng(0)
+    life_returns, game_returns, real_score, life_count = [], [], np.zeros(2), np.zeros(2, int)
+    for _ in range(20000):  # until two games have ended and one of them scored
+        if len(game_returns) >= 2 and sum(game_returns) > 0:
+            break
+        _, reward, terminated, truncated, info = envs.step(rng.integers(0, 4, 2))
+        assert set(np.unique(reward)) <= {0.0, 1.0}  # clipped for training
+        real_score += info["reward"]
+        life_count += terminated
+        life_returns += [r for r, _ in lives.step(reward, terminated, truncated)]
+        for env in np.flatnonzero(info["terminated"]):
+            assert life_count[env] == 5  # Breakout's five lives, each ended a training episode
+            game_returns.append(real_score[env])
+            real_score[env], life_count[env] = 0, 0
+        assert [r for r, _ in games.step(info["reward"], info["terminated"].astype(bool), truncated)] == [
+            game_returns[i] for i in range(len(game_returns) - int(info["terminated"].sum()), len(game_returns))
+        ]
+    envs.close()
+    assert len(game_returns) >= 2 and sum(game_returns) > 0 and len(life_returns) >= 5 * len(game_returns)
+
+
 def test_dict_observations_get_one_encoder_per_key():
     space = gym.make("tests.toy_envs:DictImageToy-v0").observation_space
     agent = make_agent(space, gym.spaces.Discrete(2))
