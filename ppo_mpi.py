@@ -1,0 +1,961 @@
+"""Data-parallel PPO over MPI ranks, for discrete and continuous actions: the successor of Stable Baselines' PPO1.
+
+A copy of ppo.py, the reference script of this project, joined with ppo_continuous.py where the two differ (a
+categorical policy for Discrete, MultiDiscrete and MultiBinary actions; for Box actions a Gaussian policy with
+observation and reward normalisation), and spread over MPI ranks. Each rank steps its own vector envs and computes
+the gradient of its own minibatch; the gradients are averaged over the ranks in one Allreduce per minibatch, so every
+rank takes the same optimizer step and holds the same network, bit for bit (checked at the end of training). Rank 0
+broadcasts the initial network, writes the logs, checkpoints and videos, and gathers every rank's episodes. For Box
+actions the normalisation statistics are fixed during a rollout and updated after it with the observations and
+returns of every rank, so every rank normalises identically (PPO1 does the same). `--total-timesteps` counts the steps
+of all ranks, `--num-envs` the envs of one rank. The learning-rate schedules are Stable Baselines' (`--lr-schedule`).
+
+Paper: Schulman et al. 2017, "Proximal Policy Optimization Algorithms", https://arxiv.org/abs/1707.06347
+Details: Huang et al. 2022, "The 37 Implementation Details of Proximal Policy Optimization", ICLR blog track.
+
+    mpiexec -n 2 python ppo_mpi.py --env-id CartPole-v1        # 2 ranks on this machine (MPICH from requirements.txt)
+    mpiexec -f hostfile -n 8 python ppo_mpi.py --env-id Acrobot-v1 --lr-schedule middle_drop  # across hosts
+    mpiexec -n 2 python ppo_mpi.py --env-id HalfCheetah-v4 --num-envs 1 --num-steps 2048 --num-minibatches 32 \\
+        --update-epochs 10 --learning-rate 3e-4 --ent-coef 0                # ppo_continuous.py's MuJoCo settings
+    python ppo_mpi.py                                          # one rank, no mpiexec needed
+"""
+
+import contextlib
+import hashlib
+import importlib
+import math
+import os
+import random
+import sys
+import time
+import traceback
+import warnings
+from collections import deque
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import envpool
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from mpi4py import MPI
+from torch.utils.tensorboard import SummaryWriter
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment, part of the run folder's name"""
+    seed: int = 1
+    """seed of random, numpy, torch and the environments (each rank derives its own from it)"""
+    track: bool = False
+    """if toggled, log the run to Weights and Biases as well"""
+    wandb_project_name: str = "ppo"
+    """the wandb project name"""
+    wandb_entity: str | None = None
+    """the entity (team) of the wandb project"""
+    capture_video: bool = False
+    """if toggled, record videos of the evaluation episodes under the run folder (`videos/`)"""
+    save_interval: int = 0
+    """also write the checkpoint every this many iterations (0: only at the end of training)"""
+    eval_episodes: int = 10
+    """greedy-policy episodes (most likely or mean action) played on rank 0 after training and by --eval-checkpoint
+    (0: no evaluation)"""
+    eval_checkpoint: str | None = None
+    """evaluate the checkpoint at this path with the greedy policy on rank 0, then exit without training"""
+    resume: str | None = None
+    """continue the run of the checkpoint at this path, on any number of ranks (weights, optimizer, normalisation,
+    global step, lr schedule)"""
+
+    # Algorithm specific arguments
+    env_id: str = "CartPole-v1"
+    """the id of the environment: an envpool id, a gymnasium id, or `module:EnvId-v0` for your own"""
+    mask_velocity: bool = False
+    """if toggled, zero the velocities observed in CartPole, Pendulum, Acrobot, MountainCar(Continuous), LunarLander"""
+    env_backend: Literal["auto", "envpool", "gymnasium"] = "auto"
+    """who steps the envs; auto takes the faster for CartPole: gymnasium below 16 envs a rank, envpool from 16"""
+    total_timesteps: int = 500000
+    """total environment steps of the experiment, all envs of all ranks together"""
+    learning_rate: float = 2.5e-4
+    """the learning rate of the optimizer (at the start of the schedule)"""
+    lr_schedule: Literal["constant", "linear", "double_linear_con", "middle_drop", "double_middle_drop"] = "linear"
+    """the learning rate over the run, Stable Baselines' schedules: linear decays to 0 (CleanRL's --anneal-lr),
+    constant keeps it (--no-anneal-lr); see lr_multiplier for the others"""
+    num_envs: int = 4
+    """the number of parallel environments of each rank"""
+    num_steps: int = 128
+    """the number of steps to run in each environment per policy rollout"""
+    gamma: float = 0.99
+    """the discount factor gamma (also of the return whose running std scales the rewards of Box-action tasks)"""
+    gae_lambda: float = 0.95
+    """the lambda of the general advantage estimation"""
+    num_minibatches: int = 4
+    """the number of minibatches per update epoch into which each rank splits its own rollout"""
+    update_epochs: int = 4
+    """the number of epochs over the rollout per update"""
+    norm_adv: bool = True
+    """if toggled, advantages are normalised per minibatch (each rank's own)"""
+    clip_coef: float = 0.2
+    """the surrogate clipping coefficient"""
+    clip_vloss: bool = True
+    """if toggled, the value loss is clipped as in the PPO paper's code"""
+    ent_coef: float = 0.01
+    """the coefficient of the entropy bonus"""
+    vf_coef: float = 0.5
+    """the coefficient of the value loss"""
+    max_grad_norm: float = 0.5
+    """the maximum norm of the gradient averaged over the ranks (clipped above it)"""
+    target_kl: float | None = None
+    """stop the update epochs early once the approximate KL, averaged over the ranks, passes this (None: never)"""
+
+
+class UserError(Exception):
+    """A mistake in the input: printed as one line, exit status 2 (as for a bad flag), no traceback."""
+
+
+# Envpool warns that reset(seed=) is ignored (its envs are seeded in envpool.make, as make_envs does) and that its
+# spaces' float64 bounds become float32: neither applies to a user's run.
+warnings.filterwarnings("ignore", message=".*(EnvPool seeds are fixed|precision lowered by casting).*")
+
+# Envpool is faster than gymnasium's SyncVectorEnv from this many CartPoles on (2-core machine, ppo.py's README
+# section); for MuJoCo from 8 (ppo_continuous.py): pass --env-backend envpool there.
+ENVPOOL_MIN_ENVS = 16
+
+# The velocity entries of the classic control observations, by env name, as RL Zoo's velocity-masked `*NoVel` envs:
+# CartPole's cart and pole, Pendulum's and Acrobot's angular ones, MountainCar's, LunarLander's x, y and angular one.
+VELOCITY_ENTRIES = {"CartPole": [1, 3], "Pendulum": [2], "Acrobot": [4, 5], "MountainCar": [1]}
+VELOCITY_ENTRIES |= {"MountainCarContinuous": [1], "LunarLander": [2, 3, 5], "LunarLanderContinuous": [2, 3, 5]}
+
+
+def env_name(env_id: str) -> str:
+    """`module:ns/CartPole-v1` -> `CartPole`"""
+    return env_id.rpartition(":")[2].rpartition("/")[2].rsplit("-v", 1)[0]
+
+
+def validate_args(args: Args, num_ranks: int) -> None:
+    for flag in ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs"):
+        if getattr(args, flag) <= 0:
+            raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be positive")
+    if args.eval_episodes < 0 or args.save_interval < 0:
+        raise UserError("--eval-episodes and --save-interval must be 0 or more")
+    batch_size = args.num_envs * args.num_steps
+    if batch_size % args.num_minibatches or batch_size // args.num_minibatches < 2:
+        raise UserError(
+            f"--num-minibatches {args.num_minibatches} does not divide the batch of {batch_size} "
+            f"(--num-envs {args.num_envs} x --num-steps {args.num_steps}) into minibatches of 2 or more"
+        )
+    if args.total_timesteps < num_ranks * batch_size and not args.eval_checkpoint:
+        raise UserError(
+            f"--total-timesteps {args.total_timesteps} is less than one batch of {num_ranks * batch_size} steps "
+            f"({num_ranks} ranks x --num-envs {args.num_envs} x --num-steps {args.num_steps})"
+        )
+    if not 0 <= args.gamma <= 1 or not 0 <= args.gae_lambda <= 1:
+        raise UserError("--gamma and --gae-lambda must lie in [0, 1]")
+    if args.eval_checkpoint and args.resume:
+        raise UserError("--eval-checkpoint and --resume exclude each other: pass one")
+    if args.mask_velocity and not args.eval_checkpoint and env_name(args.env_id) not in VELOCITY_ENTRIES:
+        raise UserError(
+            f"--mask-velocity: no velocity entries known for {args.env_id}; it takes {', '.join(VELOCITY_ENTRIES)}"
+        )
+
+
+def gymnasium_has(env_id: str) -> bool:
+    module, _, name = env_id.rpartition(":")
+    try:
+        if module:
+            importlib.import_module(module)  # gymnasium's `module:EnvId` syntax: the import registers the env
+        gym.spec(name)
+        return True
+    except ModuleNotFoundError as e:
+        raise UserError(f"--env-id {env_id}: cannot import module {module!r} ({e})") from None
+    except gym.error.Error:
+        return False
+
+
+def choose_backend(env_id: str, num_envs: int, backend: str) -> str:
+    """Check that the env id exists and pick who steps it; raises UserError for an unknown id."""
+    in_envpool, in_gymnasium = env_id in envpool.list_all_envs(), gymnasium_has(env_id)
+    if backend == "auto":
+        if not in_envpool and not in_gymnasium:
+            raise UserError(f"--env-id {env_id} is neither an envpool nor a gymnasium id (e.g. CartPole-v1)")
+        return "envpool" if in_envpool and (num_envs >= ENVPOOL_MIN_ENVS or not in_gymnasium) else "gymnasium"
+    if not (in_envpool if backend == "envpool" else in_gymnasium):
+        raise UserError(f"--env-id {env_id} is not a {backend} id; try --env-backend auto")
+    return backend
+
+
+def make_envs(env_id: str, num_envs: int, seed: int, backend: str, video_folder: str | None = None):
+    """Vector envs with next-step autoreset, whoever steps them: after a step that ends an episode, the next step
+    returns the first observation of the new episode with reward 0 and ignores its action."""
+    if backend == "envpool":
+        return envpool.make(env_id, env_type="gymnasium", num_envs=num_envs, seed=seed)
+
+    def make_env():
+        env = gym.make(env_id, **({"render_mode": "rgb_array"} if video_folder else {}))  # not every env takes it
+        if video_folder:
+            env = gym.wrappers.RecordVideo(env, video_folder, episode_trigger=lambda episode: True)
+        return env
+
+    return gym.vector.SyncVectorEnv([make_env] * num_envs, autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
+
+
+def velocity_mask(args: Args, obs_space: gym.Space) -> np.ndarray | None:
+    """With --mask-velocity, the factor that zeroes the velocity entries of an observation (a partially observable
+    task, for comparison with ppo_lstm.py); None otherwise."""
+    if not args.mask_velocity:
+        return None
+    mask = np.ones(obs_space.shape, np.float32)
+    mask[VELOCITY_ENTRIES[env_name(args.env_id)]] = 0
+    return mask
+
+
+def action_nvec(space: gym.Space) -> np.ndarray:
+    """Every supported discrete action space as independent categorical components: their sizes."""
+    if isinstance(space, gym.spaces.Discrete):
+        return np.array([space.n])
+    if isinstance(space, gym.spaces.MultiDiscrete):
+        return space.nvec.reshape(-1)
+    if isinstance(space, gym.spaces.MultiBinary):
+        return np.full(int(np.prod(space.shape)), 2)
+    raise UserError(f"ppo_mpi.py handles Box, Discrete, MultiDiscrete and MultiBinary actions, not {space}")
+
+
+def to_env_action(action: np.ndarray, space: gym.Space) -> np.ndarray:
+    """[num_envs, ...] actions as the rollout stores them -> the env's own action layout. Box: the Gaussian sample,
+    clipped to the bounds (only the env sees the clipped action: the rollout trains on the sample, whose
+    log-probability the Gaussian gives). Discrete family: category indices, offset by the space's start."""
+    if isinstance(space, gym.spaces.Box):
+        return np.clip(action.reshape(len(action), *space.shape), space.low, space.high)
+    return action.reshape(len(action), *space.shape) + getattr(space, "start", 0)
+
+
+# log sqrt(2 pi), the constant of the Gaussian's log-density and entropy
+HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
+    torch.nn.init.orthogonal_(layer.weight, std)
+    torch.nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+class Agent(nn.Module):
+    """ppo.py's categorical agent for the discrete action spaces, ppo_continuous.py's Gaussian one for Box actions:
+    the same 64x64 tanh actor and critic, with one head or the other."""
+
+    def __init__(self, obs_space: gym.Space, act_space: gym.Space):
+        super().__init__()
+        self.continuous = isinstance(act_space, gym.spaces.Box)
+        # Box-action tasks normalise their observations by running statistics: those must be Box.
+        if isinstance(obs_space, gym.spaces.Discrete) and not self.continuous:
+            self.obs_onehot, obs_dim = int(obs_space.n), int(obs_space.n)
+        elif isinstance(obs_space, gym.spaces.Box):
+            self.obs_onehot, obs_dim = 0, int(np.prod(obs_space.shape))
+        else:
+            raise UserError(
+                f"ppo_mpi.py handles Box observations, and Discrete ones with discrete actions, not {obs_space}"
+            )
+        if self.continuous:
+            # the Gaussian's mean, one number per action dimension
+            self.action_size = num_outputs = int(np.prod(act_space.shape))
+        else:
+            nvec = action_nvec(act_space)
+            # Components of unequal size share one [components, max size] logits table; the padding gets a logit so
+            # low that its probability is exactly 0 in float32, so one vectorised softmax serves every component.
+            self.logits_shape = (len(nvec), int(nvec.max()))
+            self.action_size, num_outputs = len(nvec), len(nvec) * int(nvec.max())
+        self.critic = nn.Sequential(
+            layer_init(nn.Linear(obs_dim, 64)),
+            nn.Tanh(),
+            layer_init(nn.Linear(64, 64)),
+            nn.Tanh(),
+            layer_init(nn.Linear(64, 1), std=1.0),
+        )
+        self.actor = nn.Sequential(
+            layer_init(nn.Linear(obs_dim, 64)),
+            nn.Tanh(),
+            layer_init(nn.Linear(64, 64)),
+            nn.Tanh(),
+            layer_init(nn.Linear(64, num_outputs), std=0.01),
+        )
+        if self.continuous:
+            # a log-std per action dimension, independent of the state (PPO paper, CleanRL), starting at 0: std 1
+            self.actor_logstd = nn.Parameter(torch.zeros(1, self.action_size))
+        else:
+            padding = torch.arange(self.logits_shape[1]) >= torch.as_tensor(nvec)[:, None]
+            self.register_buffer("logit_padding", padding.float() * -1e8 if padding.any() else None)
+
+    def features(self, x):
+        return F.one_hot(x.long(), self.obs_onehot).float() if self.obs_onehot else x.flatten(1)
+
+    def get_value(self, x):
+        return self.critic(self.features(x)).squeeze(-1)
+
+    def numpy_policy(self, rng: np.random.Generator):
+        """The sampling policy of the rollout in NumPy, over views of the parameters' memory (no copy: it follows
+        every optimizer step). At a few envs a torch forward is ~25 ops of ~5 us dispatch each; this one runs 2.5x
+        faster per env step (ppo.py's README, Speed). Returns obs -> (action, logprob, value), as
+        get_action_and_value."""
+        actor, critic = (
+            [(m.weight.detach().numpy().T, m.bias.detach().numpy()) if isinstance(m, nn.Linear) else m for m in net]
+            for net in (self.actor, self.critic)
+        )
+        onehot = np.eye(self.obs_onehot, dtype=np.float32) if self.obs_onehot else None
+        if self.continuous:
+            logstd = self.actor_logstd.detach().numpy()
+        else:
+            padding = None if self.logit_padding is None else self.logit_padding.numpy()
+
+        def forward(layers, x):
+            for layer in layers:
+                if isinstance(layer, tuple):
+                    x = x @ layer[0] + layer[1]
+                elif isinstance(layer, nn.Tanh):
+                    x = np.tanh(x)
+                else:
+                    raise NotImplementedError(f"numpy_policy: add {layer} to forward() to use it in the network")
+            return x
+
+        def policy(obs):
+            x = onehot[obs.astype(np.int64)] if self.obs_onehot else obs.reshape(len(obs), -1)
+            if self.continuous:
+                noise = rng.standard_normal((len(x), logstd.shape[-1]), dtype=np.float32)
+                action = forward(actor, x) + np.exp(logstd) * noise
+                # the Gaussian log-density at the sample, where (action - mean) / std is the noise, over all dimensions
+                logprob = (-0.5 * np.square(noise) - logstd - HALF_LOG_2PI).sum(-1)
+            else:
+                logits = forward(actor, x).reshape(len(x), *self.logits_shape)
+                if padding is not None:
+                    logits = logits + padding
+                logits = logits - logits.max(-1, keepdims=True)
+                logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+                action = (logp - np.log(rng.standard_exponential(logp.shape, dtype=np.float32))).argmax(-1)
+                logprob = np.take_along_axis(logp, action[..., None], -1).sum((-2, -1))
+            return action, logprob, forward(critic, x)[:, 0]
+
+        return policy
+
+    def get_action_and_value(self, x, action=None, greedy=False):
+        # Distributions' maths written out: torch.distributions objects cost more than the network at this size.
+        x = self.features(x)
+        if self.continuous:
+            action_mean, action_std = self.actor(x), self.actor_logstd.exp()
+            if action is None:
+                action = action_mean if greedy else action_mean + action_std * torch.randn_like(action_mean)
+            logprob = (-0.5 * ((action - action_mean) / action_std).square() - self.actor_logstd - HALF_LOG_2PI).sum(-1)
+            entropy = (0.5 + HALF_LOG_2PI + self.actor_logstd).sum(-1).expand(len(x))
+        else:
+            logits = self.actor(x).view(len(x), *self.logits_shape)
+            if self.logit_padding is not None:
+                logits = logits + self.logit_padding
+            logp = logits.log_softmax(-1)
+            if action is None:
+                # Gumbel-max: argmax(logp + Gumbel noise) samples the categorical, in fewer ops than torch.multinomial
+                action = logp if greedy else logp - torch.empty_like(logp).exponential_().log()
+                action = action.argmax(-1)
+            logprob = logp.gather(-1, action.unsqueeze(-1)).squeeze(-1).sum(-1)
+            entropy = -(logp.exp() * logp).sum((-2, -1))
+        return action, logprob, entropy, self.critic(x).squeeze(-1)
+
+
+def flatten_parameters(module: nn.Module) -> nn.Parameter:
+    """Move all of module's parameters into one flat Parameter, and their gradients into its .grad: each parameter
+    and its .grad become views of these. The optimizer and gradient clipping then make one call instead of one per
+    tensor; on the CPU that per-tensor overhead outweighs their maths for a small MLP (update 13% faster). Zero the
+    gradient in place (`zero_grad(set_to_none=False)`): setting it to None would cut the views loose."""
+    params = list(module.parameters())
+    flat = nn.Parameter(torch.cat([p.detach().reshape(-1) for p in params]))
+    flat.grad = torch.zeros_like(flat)
+    offset = 0
+    for p in params:
+        p.data = flat.data[offset : offset + p.numel()].view_as(p)
+        p.grad = flat.grad[offset : offset + p.numel()].view_as(p)
+        offset += p.numel()
+    return flat
+
+
+def compute_gae(rewards, values, terminations, truncations, resets, next_value, gamma, gae_lambda):
+    """Generalised advantage estimation over a [num_steps, num_envs] rollout, under next-step autoreset.
+
+    Step t is the transition obs[t] -> obs[t + 1] with reward[t]. When it ends an episode, obs[t + 1] is the real
+    final observation, so values[t + 1] (or next_value after the last step) is its value: a truncated episode is
+    bootstrapped from it, a terminated one is not. The step after (resets[t + 1]) only resets the env: it is not a
+    transition, gets advantage 0 and is cut out of the recursion. Returns (advantages, returns).
+    """
+    num_steps = len(rewards)
+    advantages = np.zeros_like(rewards)
+    lastgaelam = np.zeros_like(next_value)
+    for t in reversed(range(num_steps)):
+        nextvalues = next_value if t == num_steps - 1 else values[t + 1]
+        delta = rewards[t] + gamma * nextvalues * ~terminations[t] - values[t]
+        lastgaelam = delta + gamma * gae_lambda * ~(terminations[t] | truncations[t]) * lastgaelam
+        lastgaelam = lastgaelam * ~resets[t]
+        advantages[t] = lastgaelam
+    return advantages, advantages + values
+
+
+class EpisodeTracker:
+    """Real return and length of each env's current episode. The reset step of next-step autoreset belongs to
+    neither episode; `reset` tells which envs' next step is one."""
+
+    def __init__(self, num_envs: int):
+        self.returns = np.zeros(num_envs)
+        self.lengths = np.zeros(num_envs, dtype=np.int64)
+        self.reset = np.zeros(num_envs, dtype=bool)
+
+    def step(self, reward, terminated, truncated) -> list:
+        """Account one vector step; returns (return, length) of each episode that it ended."""
+        self.returns += reward
+        self.lengths += 1
+        if self.reset.any():
+            self.returns[self.reset] = 0
+            self.lengths[self.reset] = 0
+        self.reset = terminated | truncated
+        return (
+            list(zip(self.returns[self.reset].tolist(), self.lengths[self.reset].tolist())) if self.reset.any() else []
+        )
+
+
+class RunningMeanStd:
+    """Mean and variance of every batch passed to update(), merged batch by batch with Chan et al.'s parallel
+    algorithm (as baselines' VecNormalize). The count starts at a tiny epsilon, as there, so that the empty start
+    (mean 0, var 1) weighs nothing yet no division is by zero."""
+
+    def __init__(self, shape=(), epsilon=1e-4):
+        self.mean, self.var, self.count = np.zeros(shape), np.ones(shape), epsilon
+
+    def update(self, x: np.ndarray) -> None:
+        """Merge in a batch x of shape [n, *shape]; an empty batch changes nothing."""
+        if len(x):
+            # the batch's mean and variance from sums: the numbers of x.mean(0) and x.var(0) in half their time
+            batch_mean = x.sum(0) / len(x)
+            self.merge(batch_mean, np.square(x - batch_mean).sum(0) / len(x), len(x))
+
+    def merge(self, mean, var, count) -> None:
+        delta, total = mean - self.mean, self.count + count
+        self.mean = self.mean + delta * (count / total)
+        self.var = (self.var * self.count + var * count + np.square(delta) * (self.count * count / total)) / total
+        self.count = total
+
+    def state_dict(self) -> dict:
+        """Plain tensors and a float, so that torch.load(weights_only=True) reads them."""
+        return {
+            "mean": torch.from_numpy(np.array(self.mean)),
+            "var": torch.from_numpy(np.array(self.var)),
+            "count": self.count,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mean, self.var, self.count = state["mean"].numpy(), state["var"].numpy(), float(state["count"])
+
+
+class ObsNormalizer(RunningMeanStd):
+    """Observations -> (obs - mean) / std over every observation seen so far, clipped to +-clip (baselines'
+    VecNormalize, CleanRL's NormalizeObservation), as float32. update=False freezes the statistics (evaluation)."""
+
+    def __init__(self, shape, clip=10.0, epsilon=1e-8):
+        super().__init__(shape)
+        self.clip, self.epsilon = clip, epsilon
+
+    def __call__(self, obs: np.ndarray, update: bool = True) -> np.ndarray:
+        if update:
+            self.update(obs)
+        return ((obs - self.mean) / np.sqrt(self.var + self.epsilon)).clip(-self.clip, self.clip).astype(np.float32)
+
+
+class ReturnScaler(RunningMeanStd):
+    """Rewards -> reward / std of the discounted return, clipped to +-clip (baselines' VecNormalize, CleanRL's
+    NormalizeReward): a scale for the losses only; episode returns are logged from the real rewards. Under next-step
+    autoreset the reset step is no transition: it restarts its env's discounted return and is left out of the
+    statistics."""
+
+    def __init__(self, num_envs, gamma, clip=10.0, epsilon=1e-8):
+        super().__init__()
+        self.returns, self.gamma, self.clip, self.epsilon = np.zeros(num_envs), gamma, clip, epsilon
+
+    def __call__(self, reward: np.ndarray, reset: np.ndarray) -> np.ndarray:
+        """reward of one vector step; reset: which envs' step was the reset step."""
+        self.returns = (self.returns * self.gamma + reward) * ~reset
+        self.update(self.returns[~reset])
+        return (reward / np.sqrt(self.var + self.epsilon)).clip(-self.clip, self.clip).astype(np.float32)
+
+
+def lr_multiplier(schedule: str, progress: float) -> float:
+    """The factor of --learning-rate once `progress` (0 to 1) of the run's steps are done: Stable Baselines' schedules
+    (PPO1's and A2C's `lr_schedule`, defined in openai/baselines' baselines/a2c/utils.py). constant: 1. linear: from 1
+    to 0. double_linear_con: twice as steep, then held at 0.125 from 7/16 of the run on. middle_drop: linear for the
+    first quarter, then 0.075. double_middle_drop: as middle_drop, then 0.125 for the last quarter (baselines'
+    definition: the rate rises again there)."""
+    remaining = 1.0 - progress
+    if schedule == "linear":
+        return remaining
+    if schedule == "double_linear_con":
+        return max(1.0 - 2.0 * progress, 0.125)
+    if schedule == "middle_drop":
+        return remaining if remaining >= 0.75 else 0.075
+    if schedule == "double_middle_drop":
+        return remaining if remaining >= 0.75 else 0.075 if remaining >= 0.25 else 0.125
+    return 1.0
+
+
+@contextlib.contextmanager
+def on_every_rank(comm: MPI.Comm):
+    """Set-up that every rank runs and that a user's input can make fail: if it raises UserError on any rank, every
+    rank exits with status 2 once all have run it, and rank 0 prints the first failing rank's line. A bad flag fails on
+    every rank alike; a checkpoint or env missing on one host, on that host's ranks only. The block must make no
+    collective call: a failing rank leaves it early, and would leave the others waiting in that call."""
+    error = None
+    try:
+        yield
+    except UserError as e:
+        error = str(e)
+    errors = comm.allgather(error)
+    failed = [rank for rank, e in enumerate(errors) if e is not None]
+    if failed:
+        if comm.rank == 0:
+            where = "" if len(failed) == comm.size else f"rank {failed[0]}: "
+            print(f"error: {where}{errors[failed[0]]}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def merge_across_ranks(comm: MPI.Comm, rms: RunningMeanStd, x: np.ndarray) -> None:
+    """Merge the batches x ([n, *shape], n may differ between ranks) of every rank into rms as one batch, leaving the
+    same statistics on every rank: two Allreduces give the count and sum, then the squared deviations from the union's
+    mean (exact in two passes), and RunningMeanStd.merge adds the union's mean and variance to the running ones."""
+    sums = np.concatenate([[len(x)], x.sum(0, dtype=np.float64).reshape(-1)])
+    comm.Allreduce(MPI.IN_PLACE, sums, op=MPI.SUM)
+    count = int(sums[0])  # a Python number: the checkpoint holds it, and weights_only loading takes no NumPy scalar
+    mean = (sums[1:] / count).reshape(x.shape[1:])
+    squares = np.square(x - mean).sum(0).reshape(-1)
+    comm.Allreduce(MPI.IN_PLACE, squares, op=MPI.SUM)
+    rms.merge(mean, squares.reshape(x.shape[1:]) / count, count)
+
+
+def scale_rewards_across_ranks(
+    comm: MPI.Comm, return_scaler: ReturnScaler, rewards: np.ndarray, resets: np.ndarray
+) -> np.ndarray:
+    """This rank's [num_steps, num_envs] rollout rewards scaled by the std of the discounted return over every rank's
+    envs. Every rank gathers every rank's rewards and replays them, step by step, through the same ReturnScaler of
+    all ranks' envs (rank 0's first): the same numbers in the same order, so the same statistics on every rank, and
+    per step what ppo_continuous.py computes for a single process with all these envs."""
+    local = np.stack([rewards, resets]).astype(np.float64)
+    gathered = np.empty((comm.size, *local.shape))
+    comm.Allgather(local, gathered)
+    # [ranks, 2, num_steps, num_envs] -> [num_steps, ranks x num_envs], the envs of rank 0, then rank 1, ...
+    all_rewards, all_resets = gathered.transpose(1, 2, 0, 3).reshape(2, len(rewards), -1)
+    scaled = np.stack([return_scaler(r, d.astype(bool)) for r, d in zip(all_rewards, all_resets)])
+    num_envs = rewards.shape[1]
+    return scaled[:, comm.rank * num_envs : (comm.rank + 1) * num_envs]
+
+
+def differing_ranks(comm: MPI.Comm, arrays: list) -> list:
+    """The ranks whose arrays differ, bit for bit, from rank 0's (compared by their SHA-256 digests)."""
+    digest = hashlib.sha256(b"".join(np.ascontiguousarray(a).tobytes() for a in arrays)).hexdigest()
+    digests = comm.allgather(digest)
+    return [rank for rank, d in enumerate(digests) if d != digests[0]]
+
+
+def evaluate(
+    agent: Agent, obs_norm: ObsNormalizer | None, envs, num_episodes: int, seed: int, obs_mask: np.ndarray | None = None
+) -> list:
+    """Real episodic returns of num_episodes played with the greedy policy (the most likely action, or the mean
+    action), the observations normalised by the training statistics, frozen, where the task has them."""
+    next_obs, _ = envs.reset(seed=seed)
+    tracker, returns = EpisodeTracker(envs.num_envs), []
+    while len(returns) < num_episodes:
+        if obs_mask is not None:
+            next_obs = next_obs * obs_mask
+        if obs_norm is not None:
+            next_obs = obs_norm(next_obs, update=False)
+        with torch.no_grad():
+            action, *_ = agent.get_action_and_value(torch.as_tensor(next_obs, dtype=torch.float32), greedy=True)
+        next_obs, reward, terminated, truncated, _ = envs.step(to_env_action(action.numpy(), envs.single_action_space))
+        returns += [episode_return for episode_return, _ in tracker.step(reward, terminated, truncated)]
+    return returns[:num_episodes]
+
+
+def run_evaluation(
+    agent: Agent, obs_norm: ObsNormalizer | None, args: Args, backend: str, seed: int, video_folder: str | None
+) -> list:
+    """Evaluate on a fresh env (rendered by gymnasium when recording videos) and print mean ± std."""
+    envs = make_envs(args.env_id, 1, seed, "gymnasium" if video_folder else backend, video_folder)
+    returns = evaluate(
+        agent, obs_norm, envs, args.eval_episodes, seed, velocity_mask(args, envs.single_observation_space)
+    )
+    envs.close()
+    print(f"eval {args.env_id}: {np.mean(returns):.2f} ± {np.std(returns):.2f} over {len(returns)} greedy episodes")
+    return returns
+
+
+def save_checkpoint(path: str, checkpoint: dict) -> None:
+    """Write atomically: a crash mid-write leaves the previous checkpoint whole."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(checkpoint, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, flag: str, script: str) -> dict:
+    """Read a checkpoint as data (weights_only: no code runs); raises UserError naming the flag if it is unusable."""
+    if not os.path.isfile(path):
+        raise UserError(f"{flag} {path}: no such file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(
+            f"{flag} {path} is not a readable checkpoint ({type(e).__name__}); pass one from {script}"
+        ) from None
+    if not isinstance(checkpoint, dict) or not {"script", "args", "global_step", "model"} <= checkpoint.keys():
+        raise UserError(f"{flag} {path} is not a checkpoint of this project; pass one written by {script}")
+    if checkpoint["script"] != script:
+        raise UserError(f"{flag} {path} was written by {checkpoint['script']}; load it with that script, not {script}")
+    return checkpoint
+
+
+def load_agent(agent: Agent, checkpoint: dict, flag: str) -> None:
+    try:
+        agent.load_state_dict(checkpoint["model"])
+    except (KeyError, RuntimeError):
+        raise UserError(
+            f"{flag}: the checkpoint's network does not fit {checkpoint['args']['env_id']}'s spaces"
+        ) from None
+
+
+def main(args: Args, comm: MPI.Comm) -> None:
+    script = os.path.basename(__file__)
+    rank, num_ranks = comm.rank, comm.size
+    # Only rank 0 reads the checkpoint and sends it to the others: across hosts, it need exist on rank 0's alone.
+    checkpoint = None
+    with on_every_rank(comm):
+        validate_args(args, num_ranks)
+        if rank == 0 and (args.eval_checkpoint or args.resume):
+            flag = "--eval-checkpoint" if args.eval_checkpoint else "--resume"
+            checkpoint = load_checkpoint(args.eval_checkpoint or args.resume, flag, script)
+    checkpoint = comm.bcast(checkpoint, root=0)
+
+    with on_every_rank(comm):
+        if checkpoint:
+            # The env and its observations are the checkpoint's: evaluation takes them, resuming must repeat them.
+            for key in ("env_id", "mask_velocity"):
+                value = checkpoint["args"].get(key, False)
+                if args.eval_checkpoint:
+                    setattr(args, key, value)
+                elif value != getattr(args, key):
+                    raise UserError(
+                        f"--resume: the checkpoint trained with --{key.replace('_', '-')} {value}; pass that"
+                    )
+        backend = choose_backend(args.env_id, args.num_envs, args.env_backend)
+        if args.capture_video and args.eval_episodes and not gymnasium_has(args.env_id):
+            raise UserError(f"--capture-video: videos are rendered by gymnasium, which has no env {args.env_id}")
+        if args.capture_video and sys.platform == "linux" and not os.environ.get("DISPLAY"):
+            os.environ.setdefault("MUJOCO_GL", "egl")  # MuJoCo renders through a window (GLFW) by default: none here
+        # Each rank runs on the CPU in one thread: at a 64x64 MLP's sizes a GPU's launch latency and a second thread's
+        # synchronisation cost more than they bring (ppo.py's README, Speed); the ranks are the parallelism here.
+        torch.set_num_threads(1)
+
+        # Steps of all ranks per iteration; a resumed run, on any number of ranks, goes on from its global step.
+        batch_size = args.num_envs * args.num_steps
+        global_batch = num_ranks * batch_size
+        global_step = checkpoint["global_step"] if checkpoint and args.resume else 0
+        num_iterations = (args.total_timesteps - global_step) // global_batch
+        if args.resume and num_iterations < 1:
+            raise UserError(
+                f"--resume: the checkpoint is at step {global_step:,} already, less than one batch of "
+                f"{global_batch:,} steps from --total-timesteps {args.total_timesteps:,}; raise --total-timesteps"
+            )
+        # Each rank seeds its envs (env i of a vector takes seed + i) after the previous rank's; a resumed run
+        # reseeds from the step it resumes at, so it does not replay the episodes of its start.
+        seed = args.seed + global_step + rank * args.num_envs
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+        envs = make_envs(args.env_id, 1 if args.eval_checkpoint else args.num_envs, seed, backend)
+        agent = Agent(envs.single_observation_space, envs.single_action_space)
+        if checkpoint:
+            load_agent(agent, checkpoint, "--eval-checkpoint" if args.eval_checkpoint else "--resume")
+
+    # Box-action tasks normalise observations and scale rewards by running statistics, as ppo_continuous.py.
+    normalize = agent.continuous
+    obs_shape = envs.single_observation_space.shape
+    obs_norm = ObsNormalizer(obs_shape) if normalize else None
+    return_scaler = ReturnScaler(num_ranks * args.num_envs, args.gamma) if normalize else None
+    if checkpoint and normalize:
+        obs_norm.load_state_dict(checkpoint["obs_rms"])
+        return_scaler.load_state_dict(checkpoint["return_rms"])
+
+    if args.eval_checkpoint:
+        envs.close()
+        if rank == 0:
+            video_folder = os.path.join(os.path.dirname(args.eval_checkpoint), "videos") if args.capture_video else None
+            run_evaluation(agent, obs_norm, args, backend, args.seed, video_folder)
+        return
+
+    flat_params = flatten_parameters(agent)
+    # Every rank starts from rank 0's network (or the checkpoint's, the same everywhere).
+    comm.Bcast(flat_params.data.numpy(), root=0)
+    grad_buffer = flat_params.grad.numpy()  # a view: the Allreduce averages the gradient in place
+    policy = agent.numpy_policy(np.random.default_rng(seed))
+    # Fused Adam: a third of the time of the default implementation on the CPU.
+    optimizer = torch.optim.Adam([flat_params], lr=args.learning_rate, eps=1e-5, fused=True)
+    if checkpoint:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+
+    # Logs, checkpoints, videos and progress are rank 0's.
+    if rank == 0:
+        if checkpoint:
+            run_dir = os.path.dirname(os.path.abspath(args.resume))  # the resumed run's curves go on in its folder
+        else:
+            run_dir = os.path.join(
+                "runs", f"{args.env_id.replace(':', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+            )
+        os.makedirs(run_dir, exist_ok=True)
+        if args.track:
+            import wandb
+
+            wandb.init(
+                project=args.wandb_project_name,
+                entity=args.wandb_entity,
+                sync_tensorboard=True,
+                config=asdict(args) | {"num_ranks": num_ranks},
+                name=os.path.basename(run_dir),
+                dir=run_dir,
+                save_code=True,
+            )
+        writer = SummaryWriter(run_dir)
+        hyperparameters = asdict(args) | {"num_ranks": num_ranks}
+        writer.add_text(
+            "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in hyperparameters.items())
+        )
+        checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
+
+    # Rollout storage, [num_steps, num_envs, ...]: observations as the networks saw them (normalised for Box actions;
+    # raw_obs: before normalisation, for the statistics), real rewards, actions as category indices or as the
+    # Gaussian's unclipped samples
+    obs = np.zeros((args.num_steps, args.num_envs, *obs_shape), dtype=np.float32)
+    raw_obs = np.zeros_like(obs) if normalize else None
+    actions = np.zeros(
+        (args.num_steps, args.num_envs, agent.action_size), dtype=np.float32 if agent.continuous else np.int64
+    )
+    logprobs = np.zeros((args.num_steps, args.num_envs), dtype=np.float32)
+    rewards = np.zeros((args.num_steps, args.num_envs), dtype=np.float32)
+    values = np.zeros((args.num_steps, args.num_envs), dtype=np.float32)
+    terminations = np.zeros((args.num_steps, args.num_envs), dtype=bool)
+    truncations = np.zeros((args.num_steps, args.num_envs), dtype=bool)
+    resets = np.zeros((args.num_steps, args.num_envs), dtype=bool)
+
+    tracker, recent_returns = EpisodeTracker(args.num_envs), deque(maxlen=100)
+    interactive, last_print = sys.stdout.isatty(), 0.0
+    obs_mask = velocity_mask(args, envs.single_observation_space)
+    next_obs, _ = envs.reset(seed=seed)
+    next_obs = next_obs if obs_mask is None else next_obs * obs_mask
+    start_time, start_step = time.time(), global_step
+    final_step = global_step + num_iterations * global_batch
+
+    for iteration in range(1, num_iterations + 1):
+        optimizer.param_groups[0]["lr"] = args.learning_rate * lr_multiplier(args.lr_schedule, global_step / final_step)
+
+        iteration_start, episodes = global_step, []
+        for step in range(args.num_steps):
+            global_step += num_ranks * args.num_envs
+            if normalize:
+                # Fixed during the rollout, the statistics normalise alike on every rank (merged after it).
+                raw_obs[step] = next_obs
+                obs[step] = obs_norm(next_obs, update=False)
+            else:
+                obs[step] = next_obs
+            resets[step] = tracker.reset
+            actions[step], logprobs[step], values[step] = policy(obs[step])
+
+            next_obs, rewards[step], terminations[step], truncations[step], _ = envs.step(
+                to_env_action(actions[step], envs.single_action_space)
+            )
+            next_obs = next_obs if obs_mask is None else next_obs * obs_mask
+            for episode_return, episode_length in tracker.step(rewards[step], terminations[step], truncations[step]):
+                episodes.append((step, episode_return, episode_length))
+
+        with torch.no_grad():
+            last_obs = obs_norm(next_obs, update=False) if normalize else next_obs
+            next_value = agent.get_value(torch.as_tensor(last_obs, dtype=torch.float32)).numpy()
+        train_rewards = rewards
+        if normalize:
+            merge_across_ranks(comm, obs_norm, raw_obs.reshape(-1, *obs_shape))
+            train_rewards = scale_rewards_across_ranks(comm, return_scaler, rewards, resets)
+        advantages, returns = compute_gae(
+            train_rewards, values, terminations, truncations, resets, next_value, args.gamma, args.gae_lambda
+        )
+
+        # Train only on real transitions: the reset steps of next-step autoreset are left out of the batch.
+        transition = ~resets.reshape(-1)
+        b_obs = torch.from_numpy(obs.reshape(-1, *obs_shape)[transition])
+        b_actions = torch.from_numpy(actions.reshape(-1, actions.shape[-1])[transition])
+        b_logprobs, b_advantages, b_returns, b_values = (
+            torch.from_numpy(x.reshape(-1)[transition]) for x in (logprobs, advantages, returns, values)
+        )
+
+        stats, num_updates = torch.zeros(6), 0
+        for epoch in range(args.update_epochs):
+            for mb_inds in torch.randperm(len(b_obs)).tensor_split(args.num_minibatches):
+                _, newlogprob, entropy, newvalue = agent.get_action_and_value(b_obs[mb_inds], b_actions[mb_inds])
+                logratio = newlogprob - b_logprobs[mb_inds]
+                ratio = logratio.exp()
+
+                with torch.no_grad():
+                    # calculate approx_kl http://joschu.net/blog/kl-approx.html
+                    old_approx_kl = (-logratio).mean()
+                    approx_kl = ((ratio - 1) - logratio).mean()
+                    clipfrac = ((ratio - 1.0).abs() > args.clip_coef).float().mean()
+
+                mb_advantages = b_advantages[mb_inds]
+                if args.norm_adv:
+                    mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
+
+                # Policy loss
+                pg_loss1 = -mb_advantages * ratio
+                pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
+                pg_loss = torch.max(pg_loss1, pg_loss2).mean()
+
+                # Value loss
+                if args.clip_vloss:
+                    v_loss_unclipped = (newvalue - b_returns[mb_inds]) ** 2
+                    v_clipped = b_values[mb_inds] + torch.clamp(
+                        newvalue - b_values[mb_inds], -args.clip_coef, args.clip_coef
+                    )
+                    v_loss_clipped = (v_clipped - b_returns[mb_inds]) ** 2
+                    v_loss = 0.5 * torch.max(v_loss_unclipped, v_loss_clipped).mean()
+                else:
+                    v_loss = 0.5 * ((newvalue - b_returns[mb_inds]) ** 2).mean()
+
+                entropy_loss = entropy.mean()
+                loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
+
+                optimizer.zero_grad(set_to_none=False)
+                loss.backward()
+                # The ranks' gradients of their own minibatches, averaged in one Allreduce of the flat buffer (each
+                # rank's minibatch weighs the same, as in PPO1): every rank takes the same step from the same network.
+                comm.Allreduce(MPI.IN_PLACE, grad_buffer, op=MPI.SUM)
+                flat_params.grad.div_(num_ranks)
+                nn.utils.clip_grad_norm_(flat_params, args.max_grad_norm)
+                optimizer.step()
+                stats += torch.stack([pg_loss, v_loss, entropy_loss, old_approx_kl, approx_kl, clipfrac]).detach()
+                num_updates += 1
+
+            # Decided on the ranks' mean KL, so that all stop after the same epoch (and make the same Allreduces).
+            if args.target_kl is not None and comm.allreduce(approx_kl.item()) / num_ranks > args.target_kl:
+                break
+
+        # Rank 0 gathers every rank's episodes, losses, values and returns of the iteration.
+        gathered = comm.gather((episodes, (stats / num_updates).numpy(), b_values.numpy(), b_returns.numpy()), root=0)
+        if rank == 0:
+            # Each rank's episode ended at its step `step` of the iteration, when all ranks had made step + 1 steps.
+            for step, episode_return, episode_length in sorted(
+                e for rank_episodes, *_ in gathered for e in rank_episodes
+            ):
+                x = iteration_start + (step + 1) * num_ranks * args.num_envs
+                recent_returns.append(episode_return)
+                writer.add_scalar("charts/episodic_return", episode_return, x)
+                writer.add_scalar("charts/episodic_length", episode_length, x)
+            # Losses are averaged over every minibatch of the iteration, of every rank; not taken from the last one.
+            losses = np.mean([rank_stats for _, rank_stats, *_ in gathered], 0)
+            y_pred, y_true = (np.concatenate([g[i] for g in gathered]) for i in (2, 3))
+            var_y = np.var(y_true)
+            explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
+            sps = (global_step - start_step) / (time.time() - start_time)
+            writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+            for key, value in zip(
+                ("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac"), losses
+            ):
+                writer.add_scalar(f"losses/{key}", value, global_step)
+            writer.add_scalar("losses/explained_variance", explained_var, global_step)
+            writer.add_scalar("charts/SPS", int(sps), global_step)
+
+            if args.save_interval and iteration % args.save_interval == 0 or iteration == num_iterations:
+                save_checkpoint(
+                    checkpoint_path,
+                    {
+                        "script": script,
+                        "args": asdict(args),
+                        "global_step": global_step,
+                        "num_ranks": num_ranks,
+                        "model": agent.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                    }
+                    | (
+                        {"obs_rms": obs_norm.state_dict(), "return_rms": return_scaler.state_dict()}
+                        if normalize
+                        else {}
+                    ),
+                )
+            # Progress: one line redrawn in place on a terminal, a plain line every 10 s in a log file.
+            if time.time() - last_print >= (0.5 if interactive else 10.0) or iteration == num_iterations:
+                ret = (
+                    f"{np.mean(recent_returns):.1f} (last {len(recent_returns)} episodes)" if recent_returns else "n/a"
+                )
+                line = f"{global_step:,}/{args.total_timesteps:,} steps | {sps:,.0f} SPS | return {ret}"
+                print(f"\r{line}\033[K" if interactive else line, end="" if interactive else "\n", flush=True)
+                last_print = time.time()
+
+    envs.close()
+    # The ranks stay in step only while every Allreduce gives every rank the same numbers: check that they did.
+    state = [flat_params.detach().numpy()] + [s.numpy() for s in optimizer.state[flat_params].values()]
+    state += [obs_norm.mean, obs_norm.var, return_scaler.var] if normalize else []
+    differing = differing_ranks(comm, state)
+    if rank == 0 and differing:
+        print(
+            f"\nerror: after training, the network, optimizer or normalisation of rank(s) {differing} differ from rank "
+            f"0's: the ranks did not stay in step (checkpoint {checkpoint_path} holds rank 0's); please report this",
+            file=sys.stderr,
+            flush=True,
+        )
+    if differing:
+        sys.exit(1)
+    if rank > 0:
+        return
+
+    mean_return = f"{np.mean(recent_returns):.2f}" if recent_returns else "n/a"
+    ranks = f"{num_ranks} ranks, identical at the end" if num_ranks > 1 else "1 rank"
+    print(
+        ("\n" if interactive else "")
+        + f"done: {global_step:,} steps in {time.time() - start_time:.1f} s ({sps:,.0f} SPS) on {ranks}; "
+        f"mean return of the last {len(recent_returns)} episodes {mean_return}; checkpoint {checkpoint_path}"
+    )
+    if args.eval_episodes:
+        video_folder = os.path.join(run_dir, "videos") if args.capture_video else None
+        eval_returns = run_evaluation(agent, obs_norm, args, backend, seed, video_folder)
+        writer.add_scalar("eval/episodic_return", np.mean(eval_returns), global_step)
+    writer.close()
+    if args.track:
+        wandb.finish()
+
+
+def parse_args(comm: MPI.Comm) -> Args:
+    """Every rank parses the flags; only rank 0 prints --help or a bad flag's message, and every rank exits alike."""
+    if comm.rank == 0:
+        return tyro.cli(Args)
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), contextlib.redirect_stderr(devnull):
+        return tyro.cli(Args)
+
+
+if __name__ == "__main__":
+    comm = MPI.COMM_WORLD
+    args = parse_args(comm)
+    try:
+        main(args, comm)
+    except (Exception, KeyboardInterrupt) as e:
+        if comm.size == 1:
+            raise
+        # A rank that stops alone leaves the others waiting in a collective call for ever: MPI_Abort ends them all.
+        if not isinstance(e, KeyboardInterrupt):
+            traceback.print_exc()
+        print(
+            f"error: rank {comm.rank} of {comm.size} failed ({type(e).__name__}: {e}); stopping every rank",
+            file=sys.stderr,
+            flush=True,
+        )
+        time.sleep(1.0)  # for mpiexec to pass the lines on: MPI_Abort's teardown sometimes loses them without
+        comm.Abort(1)
