@@ -40,6 +40,9 @@ while (($#)); do
 done
 [[ $seeds =~ ^[1-9][0-9]*$ ]] || { echo "error: --seeds $seeds must be a positive integer" >&2; exit 2; }
 [[ $workers =~ ^[1-9][0-9]*$ ]] || { echo "error: --workers $workers must be a positive integer" >&2; exit 2; }
+# MPI runs use MPICH's mpiexec from the same venv as python (requirements.txt): a system one may be another MPI's.
+mpiexec=$(dirname "$python")/mpiexec
+[[ -x $mpiexec ]] || mpiexec=mpiexec
 
 # RL Zoo's tuned PPO settings for its velocity-masked tasks (hyperparams/ppo_lstm.yml: CartPoleNoVel-v1,
 # PendulumNoVel-v1), given to the recurrent script and, for comparison, to the feed-forward one.
@@ -101,7 +104,7 @@ while IFS='|' read -r task script env steps ranks flags; do
   [[ -z $tasks || $task =~ $tasks ]] || continue
   label=$script
   launch=("$python" "$repo/$script")
-  if ((ranks > 0)); then label="$script x$ranks" launch=(mpiexec -n "$ranks" "${launch[@]}"); fi
+  if ((ranks > 0)); then label="$script x$ranks" launch=("$mpiexec" -n "$ranks" "${launch[@]}"); fi
   for seed in $(seq 1 "$seeds"); do
     dir="$out/$preset/${task// /_}/${label// /_}/seed$seed"
     # shellcheck disable=SC2086  # $flags holds several words on purpose
