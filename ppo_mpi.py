@@ -521,6 +521,19 @@ def on_every_rank(comm: MPI.Comm):
         sys.exit(2)
 
 
+def check_launcher(comm: MPI.Comm, environ: dict) -> None:
+    """Raise UserError if the launcher started several processes but MPI sees each alone: mpiexec of another MPI than
+    mpi4py's library (e.g. a system Open MPI's) starts N unrelated single-rank runs. The launcher's own variables
+    (Open MPI's; PMI's, set by MPICH's Hydra) say how many processes it started."""
+    started = int(environ.get("OMPI_COMM_WORLD_SIZE") or environ.get("PMI_SIZE") or comm.size)
+    if started > comm.size:
+        raise UserError(
+            f"mpiexec started {started} processes, but MPI sees {comm.size} rank(s) in each: that mpiexec is not "
+            f"of mpi4py's MPI ({' '.join(MPI.Get_library_version().split()[:3])}); launch with the mpiexec "
+            f"beside this Python, {os.path.join(os.path.dirname(sys.executable), 'mpiexec')}"
+        )
+
+
 def merge_across_ranks(comm: MPI.Comm, rms: RunningMeanStd, x: np.ndarray) -> None:
     """Merge the batches x ([n, *shape], n may differ between ranks) of every rank into rms as one batch, leaving the
     same statistics on every rank: two Allreduces give the count and sum, then the squared deviations from the union's
@@ -632,6 +645,7 @@ def main(args: Args, comm: MPI.Comm) -> None:
     # Only rank 0 reads the checkpoint and sends it to the others: across hosts, it need exist on rank 0's alone.
     checkpoint = None
     with on_every_rank(comm):
+        check_launcher(comm, os.environ)
         validate_args(args, num_ranks)
         if rank == 0 and (args.eval_checkpoint or args.resume):
             flag = "--eval-checkpoint" if args.eval_checkpoint else "--resume"

@@ -110,6 +110,16 @@ def test_unsupported_spaces_are_named():
         pm.Agent(gym.spaces.Box(-1, 1, (2,)), gym.spaces.Tuple([gym.spaces.Discrete(2)]))
 
 
+def test_another_mpis_mpiexec_is_named():
+    """Open MPI's mpiexec would start N single-rank runs of this MPICH build: each stops, naming the right mpiexec."""
+    from mpi4py import MPI
+
+    with pytest.raises(pm.UserError, match=r"started 2 processes, but MPI sees 1 rank\(s\) in each.*bin/mpiexec"):
+        pm.check_launcher(MPI.COMM_WORLD, {"OMPI_COMM_WORLD_SIZE": "2"})
+    pm.check_launcher(MPI.COMM_WORLD, {"PMI_SIZE": "1"})
+    pm.check_launcher(MPI.COMM_WORLD, {})
+
+
 # ---------------------------------------------------------------- under mpiexec
 
 
