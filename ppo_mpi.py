@@ -921,7 +921,8 @@ def main(args: Args, comm: MPI.Comm) -> None:
     differing = differing_ranks(comm, state)
     if rank == 0 and differing:
         print(
-            f"\nerror: after training, the network, optimizer or normalisation of rank(s) {differing} differ from rank "
+            ("\n" if interactive else "")
+            + f"error: after training, the network, optimizer or normalisation of rank(s) {differing} differ from rank "
             f"0's: the ranks did not stay in step (checkpoint {checkpoint_path} holds rank 0's); please report this",
             file=sys.stderr,
             flush=True,
