@@ -279,7 +279,7 @@ class Agent(nn.Module):
             logits = logits - logits.max(-1, keepdims=True)
             logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
             action = (logp - np.log(rng.standard_exponential(logp.shape, dtype=np.float32))).argmax(-1)
-            logprob = np.take_along_axis(logp, action[..., None], -1).sum((-2, -1))
+            logprob = (logp * (np.arange(logp.shape[-1]) == action[..., None])).sum((-2, -1))
             return action, logprob, forward(critic, x)[:, 0]
 
         return policy
