@@ -77,7 +77,9 @@ Pendulum-v1 velocity masked|ppo_continuous.py|Pendulum-v1|100000|0|$PENDULUM_NOV
   mpi) specs="
 CartPole-v1|ppo_mpi.py|CartPole-v1|500000|1|
 CartPole-v1|ppo_mpi.py|CartPole-v1|500000|2|
-CartPole-v1|ppo.py|CartPole-v1|500000|0|" ;;
+CartPole-v1|ppo.py|CartPole-v1|500000|0|
+CartPole-v1 same batch|ppo_mpi.py|CartPole-v1|500000|2|--num-envs 2
+CartPole-v1 same batch|ppo.py|CartPole-v1|500000|0|" ;;
   "") echo "error: --preset is required (quick, classic, mujoco, atari, recurrent or mpi)" >&2; exit 2 ;;
   *) echo "error: --preset $preset is unknown; pick quick, classic, mujoco, atari, recurrent or mpi" >&2; exit 2 ;;
 esac
