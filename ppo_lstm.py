@@ -414,7 +414,7 @@ class Agent(nn.Module):
         """The sampling policy of the rollout: (obs, state, starts) -> (action, logprob, value, state after the step),
         all NumPy, the state (h, c) stacked [2, layers, envs, hidden]. For vector observations it runs in NumPy over
         views of the parameters' memory (no copy: it follows every optimizer step), ppo.py's numpy_policy with the
-        LSTM's cells: one env's step takes ~60 us here against ~220 us in torch, where each of ~60 small ops
+        LSTM's cells: one env's step takes ~60 us here against 160-220 us in torch, where each of ~60 small ops
         pays its dispatch (README, Speed). A CNN stays in torch, where its maths outweighs the dispatch."""
         if any(encoder.image for encoder in self.encoders):
 
@@ -430,7 +430,17 @@ class Agent(nn.Module):
         def linear(m):  # (weight transposed, bias), as views
             return m.weight.detach().numpy().T, m.bias.detach().numpy()
 
-        encoders = [[linear(m) for m in e.net if isinstance(m, nn.Linear)] for e in self.encoders]
+        def forward(layers, x):  # as ppo.py's
+            for layer in layers:
+                if isinstance(layer, tuple):
+                    x = x @ layer[0] + layer[1]
+                elif isinstance(layer, nn.Tanh):
+                    x = np.tanh(x)
+                else:
+                    raise NotImplementedError(f"rollout_policy: add {layer} to forward() to use it in the network")
+            return x
+
+        encoders = [[linear(m) if isinstance(m, nn.Linear) else m for m in e.net] for e in self.encoders]
         onehots = [np.eye(e.onehot, dtype=np.float32) if e.onehot else None for e in self.encoders]
         cells = [[w.detach().numpy().T for w in weights] for weights in self.lstm.all_weights]  # w_ih, w_hh, b_ih, b_hh
         actor, critic = linear(self.actor), linear(self.critic)
@@ -444,9 +454,7 @@ class Agent(nn.Module):
             parts = []
             for x, layers, onehot in zip(np.split(obs, split, axis=1) if self.dict_obs else [obs], encoders, onehots):
                 x = onehot[x.reshape(len(x)).astype(np.int64)] if onehot is not None else x.reshape(len(x), -1)
-                for w, b in layers:  # Linear then Tanh, as Encoder
-                    x = np.tanh(x @ w + b)
-                parts.append(x)
+                parts.append(forward(layers, x))
             x = np.concatenate(parts, 1) if len(parts) > 1 else parts[0]
             state = state * ~starts[:, None] if starts.any() else state  # an episode begins: its env's state restarts
             new_state = np.empty_like(state)
