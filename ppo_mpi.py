@@ -308,6 +308,7 @@ class Agent(nn.Module):
             logstd = self.actor_logstd.detach().numpy()
         else:
             padding = None if self.logit_padding is None else self.logit_padding.numpy()
+            categories = np.arange(self.logits_shape[1])  # for the sampled action's log-probability
 
         def forward(layers, x):
             for layer in layers:
@@ -333,7 +334,7 @@ class Agent(nn.Module):
                 logits = logits - logits.max(-1, keepdims=True)
                 logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
                 action = (logp - np.log(rng.standard_exponential(logp.shape, dtype=np.float32))).argmax(-1)
-                logprob = (logp * (np.arange(logp.shape[-1]) == action[..., None])).sum((-2, -1))
+                logprob = (logp * (categories == action[..., None])).sum((-2, -1))
             return action, logprob, forward(critic, x)[:, 0]
 
         return policy
