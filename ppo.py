@@ -37,6 +37,8 @@ class Args:
     """the name of this experiment, part of the run folder's name"""
     seed: int = 1
     """seed of random, numpy, torch and the environments"""
+    cuda: bool = False
+    """if toggled, the network trains on the GPU (CUDA) where there is one; a 64x64 MLP trains faster on the CPU"""
     track: bool = False
     """if toggled, log the run to Weights and Biases as well"""
     wandb_project_name: str = "ppo"
@@ -208,6 +210,12 @@ def to_env_action(action: np.ndarray, space: gym.Space) -> np.ndarray:
     return action.reshape(len(action), *space.shape) + getattr(space, "start", 0)
 
 
+def choose_device(cuda: bool) -> torch.device:
+    if cuda and not torch.cuda.is_available():
+        print("note: --cuda: torch sees no CUDA device here; running on the CPU")
+    return torch.device("cuda" if cuda and torch.cuda.is_available() else "cpu")
+
+
 def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
     torch.nn.init.orthogonal_(layer.weight, std)
     torch.nn.init.constant_(layer.bias, bias_const)
@@ -250,41 +258,6 @@ class Agent(nn.Module):
     def get_value(self, x):
         return self.critic(self.features(x)).squeeze(-1)
 
-    def numpy_policy(self, rng: np.random.Generator):
-        """The sampling policy of the rollout in NumPy, over views of the parameters' memory (no copy: it follows
-        every optimizer step). At a few envs a torch forward is ~25 ops of ~5 us dispatch each; this one runs 2.5x
-        faster per env step (README, Speed). Returns obs -> (action, logprob, value), as get_action_and_value."""
-        actor, critic = (
-            [(m.weight.detach().numpy().T, m.bias.detach().numpy()) if isinstance(m, nn.Linear) else m for m in net]
-            for net in (self.actor, self.critic)
-        )
-        onehot = np.eye(self.obs_onehot, dtype=np.float32) if self.obs_onehot else None
-        padding = None if self.logit_padding is None else self.logit_padding.numpy()
-        categories = np.arange(self.logits_shape[1])  # for the sampled action's log-probability
-
-        def forward(layers, x):
-            for layer in layers:
-                if isinstance(layer, tuple):
-                    x = x @ layer[0] + layer[1]
-                elif isinstance(layer, nn.Tanh):
-                    x = np.tanh(x)
-                else:
-                    raise NotImplementedError(f"numpy_policy: add {layer} to forward() to use it in the network")
-            return x
-
-        def policy(obs):
-            x = onehot[obs.astype(np.int64)] if self.obs_onehot else obs.reshape(len(obs), -1)
-            logits = forward(actor, x).reshape(len(x), *self.logits_shape)
-            if padding is not None:
-                logits = logits + padding
-            logits = logits - logits.max(-1, keepdims=True)
-            logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-            action = (logp - np.log(rng.standard_exponential(logp.shape, dtype=np.float32))).argmax(-1)
-            logprob = (logp * (categories == action[..., None])).sum((-2, -1))
-            return action, logprob, forward(critic, x)[:, 0]
-
-        return policy
-
     def get_action_and_value(self, x, action=None, greedy=False):
         # Categorical maths written out: torch.distributions objects cost more than the network at this size.
         x = self.features(x)
@@ -301,20 +274,107 @@ class Agent(nn.Module):
         return action, logprob, entropy, self.critic(x).squeeze(-1)
 
 
-def flatten_parameters(module: nn.Module) -> nn.Parameter:
-    """Move all of module's parameters into one flat Parameter, and their gradients into its .grad: each parameter
-    and its .grad become views of these. The optimizer and gradient clipping then make one call instead of one per
-    tensor; on the CPU that per-tensor overhead outweighs their maths for a small MLP (update 13% faster). Zero the
-    gradient in place (`zero_grad(set_to_none=False)`): setting it to None would cut the views loose."""
-    params = list(module.parameters())
-    flat = nn.Parameter(torch.cat([p.detach().reshape(-1) for p in params]))
-    flat.grad = torch.zeros_like(flat)
-    offset = 0
-    for p in params:
-        p.data = flat.data[offset : offset + p.numel()].view_as(p)
-        p.grad = flat.grad[offset : offset + p.numel()].view_as(p)
-        offset += p.numel()
-    return flat
+def numpy_module(module: nn.Module):
+    """module as a NumPy function over views of its parameters' memory, so that it follows every in-place optimizer
+    step; None where it holds a layer this mirror does not know (the rollout then runs the torch network)."""
+    if isinstance(module, nn.Sequential):
+        layers = [numpy_module(layer) for layer in module]
+        if None in layers:
+            return None
+
+        def sequential(x):
+            for layer in layers:
+                x = layer(x)
+            return x
+
+        return sequential
+    param = {name: p.detach().numpy() for name, p in module.named_parameters(recurse=False)}
+    if isinstance(module, nn.Linear):
+        weight, bias = param["weight"].T, param.get("bias", 0)
+        return lambda x: x @ weight + bias
+    if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1:
+        weight, bias, eps = param.get("weight", 1), param.get("bias", 0), module.eps
+        return lambda x: (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + eps) * weight + bias
+    return {nn.Tanh: np.tanh, nn.ReLU: lambda x: np.maximum(x, 0), nn.Identity: lambda x: x}.get(type(module))
+
+
+def numpy_policy(agent: Agent, rng: np.random.Generator):
+    """The rollout's sampling written in NumPy, derived from the agent's actor and critic: at a few envs a torch forward
+    is dozens of small ops, each paying its dispatch, and this runs faster per env step. obs -> (action, logprob,
+    value), as get_action_and_value; None where the actor or critic holds a layer numpy_module does not know."""
+    actor, critic = numpy_module(agent.actor), numpy_module(agent.critic)
+    if actor is None or critic is None:
+        return None
+    onehot = np.eye(agent.obs_onehot, dtype=np.float32) if agent.obs_onehot else None
+    padding = None if agent.logit_padding is None else agent.logit_padding.numpy()
+    categories = np.arange(agent.logits_shape[1])  # for the sampled action's log-probability
+
+    def policy(obs):
+        x = onehot[obs.astype(np.int64)] if agent.obs_onehot else obs.reshape(len(obs), -1)
+        logits = actor(x).reshape(len(x), *agent.logits_shape)
+        if padding is not None:
+            logits = logits + padding
+        logits = logits - logits.max(-1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        action = (logp - np.log(rng.standard_exponential(logp.shape, dtype=np.float32))).argmax(-1)
+        logprob = (logp * (categories == action[..., None])).sum((-2, -1))
+        return action, logprob, critic(x)[:, 0]
+
+    return policy
+
+
+# Float32 rounding in another order (NumPy, another batch size) moves a log-probability or a value by about 1e-6 of
+# its size; two different networks, or one before and after an optimizer step, differ by far more.
+ROLLOUT_TOLERANCE = 1e-4
+
+
+def rollout_mismatch(newlogprob, logprob, newvalue, value, tolerance: float = ROLLOUT_TOLERANCE) -> str:
+    """What differs between the log-probabilities and values the rollout stored and the network's on the same
+    observations and actions ("" if nothing does beyond float rounding)."""
+    errors = []
+    for name, new, old in (("log-probabilities", newlogprob, logprob), ("values", newvalue, value)):
+        new, old = torch.as_tensor(new).float().cpu(), torch.as_tensor(old).float().cpu()
+        error = (new - old).abs()
+        if (error > tolerance * (1 + old.abs())).any():
+            errors.append(f"{name} by up to {error.max().item():.3g}")
+    return " and ".join(errors)
+
+
+def check_rollout(newlogprob, logprob, newvalue, value, iteration: int) -> None:
+    """The guard of every update: before its first optimizer step, the network must give the rollout's stored
+    log-probabilities and values back (a probability ratio of 1). Raises UserError naming what diverged."""
+    mismatch = rollout_mismatch(newlogprob, logprob, newvalue, value)
+    if mismatch:
+        raise UserError(
+            f"iteration {iteration}: the network's {mismatch} differ from the rollout's before any update, so the "
+            "rollout sampled from another policy than the one trained; the rollout and the update must compute the "
+            "same network on the same observations (a random layer such as Dropout breaks that)"
+        )
+
+
+def rollout_policy(agent: Agent, rng: np.random.Generator, device: torch.device, probe: np.ndarray):
+    """The policy the rollout samples from, obs -> (action, logprob, value) in NumPy: numpy_policy on the CPU where it
+    reproduces get_action_and_value on the probe observations, else the torch network itself."""
+    policy = numpy_policy(agent, rng) if device.type == "cpu" else None
+    if policy is not None:
+        try:
+            action, logprob, value = policy(probe)
+            with torch.no_grad():
+                _, newlogprob, _, newvalue = agent.get_action_and_value(*map(torch.from_numpy, (probe, action)))
+            mismatch = rollout_mismatch(newlogprob, logprob, newvalue, value)
+        except Exception as e:  # an edited network the mirror cannot even run, e.g. other input sizes
+            mismatch = f"it fails with {type(e).__name__}"
+        if mismatch:
+            print(f"note: the NumPy rollout cannot follow this Agent ({mismatch}): the rollout runs the torch network")
+            policy = None
+    if policy is None:
+
+        def policy(obs):
+            with torch.no_grad():
+                action, logprob, _, value = agent.get_action_and_value(torch.from_numpy(obs).to(device))
+            return action.cpu().numpy(), logprob.cpu().numpy(), value.cpu().numpy()
+
+    return policy
 
 
 def compute_gae(rewards, values, terminations, truncations, resets, next_value, gamma, gae_lambda):
@@ -362,13 +422,14 @@ class EpisodeTracker:
 def evaluate(agent: Agent, envs, num_episodes: int, seed: int, obs_mask: np.ndarray | None = None) -> list:
     """Episodic returns of num_episodes played with the greedy policy (the most likely action)."""
     next_obs, _ = envs.reset(seed=seed)
-    tracker, returns = EpisodeTracker(envs.num_envs), []
+    tracker, returns, device = EpisodeTracker(envs.num_envs), [], next(agent.parameters()).device
     while len(returns) < num_episodes:
         if obs_mask is not None:
             next_obs = next_obs * obs_mask
         with torch.no_grad():
-            action, *_ = agent.get_action_and_value(torch.as_tensor(next_obs, dtype=torch.float32), greedy=True)
-        next_obs, reward, terminated, truncated, _ = envs.step(to_env_action(action.numpy(), envs.single_action_space))
+            x = torch.as_tensor(next_obs, dtype=torch.float32, device=device)
+            action = agent.get_action_and_value(x, greedy=True)[0].cpu().numpy()
+        next_obs, reward, terminated, truncated, _ = envs.step(to_env_action(action, envs.single_action_space))
         returns += [episode_return for episode_return, _ in tracker.step(reward, terminated, truncated)]
     return returns[:num_episodes]
 
@@ -435,13 +496,13 @@ def main(args: Args) -> None:
     backend = choose_backend(args.env_id, args.num_envs, args.env_backend)
     if args.capture_video and args.eval_episodes and not gymnasium_has(args.env_id):
         raise UserError(f"--capture-video: videos are rendered by gymnasium, which has no env {args.env_id}")
-    # ppo.py runs on the CPU, in one thread: at a 64x64 MLP's sizes a GPU's launch latency and a second CPU thread's
-    # synchronisation both cost more than they bring (one thread: a 14% faster update on 2 cores, README Speed).
+    device = choose_device(args.cuda)
+    # One CPU thread: at a 64x64 MLP's sizes a second thread's synchronisation costs more than it brings.
     torch.set_num_threads(1)
 
     if args.eval_checkpoint:
         envs = make_envs(args.env_id, 1, args.seed, backend)
-        agent = Agent(envs.single_observation_space, envs.single_action_space)
+        agent = Agent(envs.single_observation_space, envs.single_action_space).to(device)
         envs.close()
         load_agent(agent, checkpoint, "--eval-checkpoint")
         video_folder = os.path.join(os.path.dirname(args.eval_checkpoint), "videos") if args.capture_video else None
@@ -461,11 +522,9 @@ def main(args: Args) -> None:
     torch.manual_seed(seed)
 
     envs = make_envs(args.env_id, args.num_envs, seed, backend)
-    agent = Agent(envs.single_observation_space, envs.single_action_space)
-    flat_params = flatten_parameters(agent)
-    policy = agent.numpy_policy(np.random.default_rng(seed))
-    # Fused Adam: a third of the time of the default implementation on the CPU.
-    optimizer = torch.optim.Adam([flat_params], lr=args.learning_rate, eps=1e-5, fused=True)
+    agent = Agent(envs.single_observation_space, envs.single_action_space).to(device)
+    # Fused Adam: one kernel for every parameter, a third of the time of the default implementation on the CPU.
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
     if checkpoint:
         load_agent(agent, checkpoint, "--resume")
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -508,12 +567,17 @@ def main(args: Args) -> None:
     interactive, last_print = sys.stdout.isatty(), 0.0
     obs_mask = velocity_mask(args, envs.single_observation_space)
     next_obs, _ = envs.reset(seed=seed)
+    obs_space = envs.single_observation_space
+    obs_space.seed(seed)
+    probe = np.stack([obs_space.sample() for _ in range(64)]).astype(np.float32)
+    policy = rollout_policy(agent, np.random.default_rng(seed), device, probe)
     start_time, start_step = time.time(), global_step
 
     for iteration in range(start_iteration, num_iterations + 1):
         if args.anneal_lr:
             frac = 1.0 - (iteration - 1.0) / num_iterations
-            optimizer.param_groups[0]["lr"] = frac * args.learning_rate
+            for group in optimizer.param_groups:  # each group from its own initial lr, as torch's schedulers
+                group["lr"] = frac * group.setdefault("initial_lr", group["lr"])
 
         for step in range(args.num_steps):
             global_step += args.num_envs
@@ -532,23 +596,25 @@ def main(args: Args) -> None:
 
         with torch.no_grad():
             last_obs = next_obs if obs_mask is None else next_obs * obs_mask
-            next_value = agent.get_value(torch.as_tensor(last_obs, dtype=torch.float32)).numpy()
+            next_value = agent.get_value(torch.as_tensor(last_obs, dtype=torch.float32, device=device)).cpu().numpy()
         advantages, returns = compute_gae(
             rewards, values, terminations, truncations, resets, next_value, args.gamma, args.gae_lambda
         )
 
         # Train only on real transitions: the reset steps of next-step autoreset are left out of the batch.
         transition = ~resets.reshape(-1)
-        b_obs = torch.from_numpy(obs.reshape(-1, *obs_shape)[transition])
-        b_actions = torch.from_numpy(actions.reshape(-1, actions.shape[-1])[transition])
+        b_obs = torch.from_numpy(obs.reshape(-1, *obs_shape)[transition]).to(device)
+        b_actions = torch.from_numpy(actions.reshape(-1, actions.shape[-1])[transition]).to(device)
         b_logprobs, b_advantages, b_returns, b_values = (
-            torch.from_numpy(x.reshape(-1)[transition]) for x in (logprobs, advantages, returns, values)
+            torch.from_numpy(x.reshape(-1)[transition]).to(device) for x in (logprobs, advantages, returns, values)
         )
 
-        stats, num_updates = torch.zeros(6), 0
+        stats, num_updates = torch.zeros(6, device=device), 0
         for epoch in range(args.update_epochs):
-            for mb_inds in torch.randperm(len(b_obs)).tensor_split(args.num_minibatches):
+            for mb_inds in torch.randperm(len(b_obs), device=device).tensor_split(args.num_minibatches):
                 _, newlogprob, entropy, newvalue = agent.get_action_and_value(b_obs[mb_inds], b_actions[mb_inds])
+                if num_updates == 0:  # nothing has moved the network since the rollout: it must give the same numbers
+                    check_rollout(newlogprob, b_logprobs[mb_inds], newvalue, b_values[mb_inds], iteration)
                 logratio = newlogprob - b_logprobs[mb_inds]
                 ratio = logratio.exp()
 
@@ -581,9 +647,9 @@ def main(args: Args) -> None:
                 entropy_loss = entropy.mean()
                 loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
 
-                optimizer.zero_grad(set_to_none=False)
+                optimizer.zero_grad()
                 loss.backward()
-                nn.utils.clip_grad_norm_(flat_params, args.max_grad_norm)
+                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
                 optimizer.step()
                 stats += torch.stack([pg_loss, v_loss, entropy_loss, old_approx_kl, approx_kl, clipfrac]).detach()
                 num_updates += 1
@@ -593,7 +659,7 @@ def main(args: Args) -> None:
 
         # Losses are averaged over every minibatch of the iteration, not taken from the last one.
         stats = (stats / num_updates).tolist()
-        y_pred, y_true = b_values.numpy(), b_returns.numpy()
+        y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
         var_y = np.var(y_true)
         explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
         sps = (global_step - start_step) / (time.time() - start_time)

@@ -7,6 +7,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 
 import ppo
 import tests.toy_envs  # noqa: F401  (registers the toy envs in this process too)
@@ -136,7 +137,7 @@ def test_numpy_policy_matches_torch(name):
     agent = ppo.Agent(obs_space, act_space)
     with torch.no_grad():  # larger output weights than the init's, so that the distributions are far from uniform
         agent.actor[-1].weight.mul_(300)
-    policy = agent.numpy_policy(np.random.default_rng(0))
+    policy = ppo.numpy_policy(agent, np.random.default_rng(0))
     obs = np.stack([obs_space.sample() for _ in range(64)]).astype(np.float32)
     action, logprob, value = policy(obs)
     _, t_logprob, _, t_value = agent.get_action_and_value(torch.from_numpy(obs), torch.from_numpy(action))
@@ -154,7 +155,7 @@ def test_sampling_follows_the_policy_and_skips_padding(sampler):
         agent.actor[-1].weight.mul_(300)
     obs = np.tile(np.array([[0.3, -0.7]], np.float32), (20000, 1))
     if sampler == "numpy":
-        action = agent.numpy_policy(np.random.default_rng(0))(obs)[0]
+        action = ppo.numpy_policy(agent, np.random.default_rng(0))(obs)[0]
     else:
         action = agent.get_action_and_value(torch.from_numpy(obs))[0].numpy()
     assert action[:, 0].max() <= 2 and action[:, 1].max() <= 1
@@ -181,22 +182,47 @@ def test_unsupported_spaces_are_named():
         ppo.Agent(gym.spaces.Dict({"a": gym.spaces.Discrete(2)}), gym.spaces.Discrete(2))
 
 
-def test_flat_parameters_are_shared_by_the_agent():
+def test_numpy_module_mirrors_the_layers_it_knows_and_only_those():
+    torch.manual_seed(0)
+    known = nn.Sequential(nn.Linear(5, 8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 8, bias=False), nn.Tanh())
+    known.append(nn.Identity())
+    x = torch.randn(16, 5)
+    mirror = ppo.numpy_module(known)
+    np.testing.assert_allclose(mirror(x.numpy()), known(x).detach().numpy(), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # the mirror reads the parameters' memory: an in-place optimizer step reaches it
+        known[0].weight.add_(1.0)
+    np.testing.assert_allclose(mirror(x.numpy()), known(x).detach().numpy(), rtol=1e-5, atol=1e-6)
+    assert ppo.numpy_module(nn.Sequential(nn.Linear(5, 8), nn.GELU())) is None
+
+
+def test_rollout_policy_steps_aside_for_an_agent_its_mirror_cannot_follow(capsys):
+    torch.manual_seed(0)
     agent = ppo.Agent(*SPACES["discrete"])
-    before = [p.detach().clone() for p in agent.parameters()]
-    flat = ppo.flatten_parameters(agent)
-    assert flat.numel() == sum(p.numel() for p in before)
-    for p, b in zip(agent.parameters(), before):
-        assert torch.equal(p, b)  # same values after the move
-    optimizer = torch.optim.Adam([flat], lr=0.1, fused=True)
-    obs = torch.randn(8, 4)
-    for _ in range(2):
-        optimizer.zero_grad(set_to_none=False)
-        agent.get_value(obs).sum().backward()
-        grads = torch.cat([p.grad.reshape(-1) for p in agent.parameters()])
-        assert torch.equal(grads, flat.grad) and flat.grad.abs().sum() > 0
-        optimizer.step()
-    assert not torch.equal(agent.critic[0].weight, before[0])  # the step on flat moved the agent's own weights
+    probe = np.random.default_rng(0).standard_normal((64, 4)).astype(np.float32)
+    cpu = torch.device("cpu")
+    ppo.rollout_policy(agent, np.random.default_rng(0), cpu, probe)
+    assert capsys.readouterr().out == ""  # the mirror reproduces the unedited agent
+    agent.features = lambda x: x.flatten(1) * 2  # an edit the mirror cannot see
+    policy = ppo.rollout_policy(agent, np.random.default_rng(0), cpu, probe)
+    assert "the rollout runs the torch network" in capsys.readouterr().out
+    action, logprob, value = policy(probe)
+    _, t_logprob, _, t_value = agent.get_action_and_value(torch.from_numpy(probe), torch.from_numpy(action))
+    assert not ppo.rollout_mismatch(t_logprob, logprob, t_value, value)
+
+
+def test_guard_stops_when_the_rollout_sampled_from_another_policy():
+    logprob, value = torch.tensor([-0.7, -0.1]), torch.tensor([3.0, 250.0])
+    ppo.check_rollout(logprob + 1e-6, logprob, value * (1 + 1e-6), value, iteration=1)  # float rounding passes
+    with pytest.raises(ppo.UserError, match="iteration 3: the network's log-probabilities by up to 0.01 differ"):
+        ppo.check_rollout(logprob + 0.01, logprob, value, value, iteration=3)
+    with pytest.raises(ppo.UserError, match="values by up to 0.5"):
+        ppo.check_rollout(logprob, logprob, value + 0.5, value, iteration=3)
+
+
+def test_cuda_without_a_gpu_says_so_and_runs_on_the_cpu(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert ppo.choose_device(True).type == "cpu" and "no CUDA device" in capsys.readouterr().out
+    assert ppo.choose_device(False).type == "cpu" and capsys.readouterr().out == ""
 
 
 def test_backend_choice():
