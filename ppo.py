@@ -352,9 +352,20 @@ def check_rollout(newlogprob, logprob, newvalue, value, iteration: int) -> None:
         )
 
 
+def torch_policy(agent: Agent, device: torch.device):
+    """The rollout's sampling by the torch network itself: obs -> (action, logprob, value), NumPy in and out."""
+
+    def policy(obs):
+        with torch.no_grad():
+            action, logprob, _, value = agent.get_action_and_value(torch.from_numpy(obs).to(device))
+        return action.cpu().numpy(), logprob.cpu().numpy(), value.cpu().numpy()
+
+    return policy
+
+
 def rollout_policy(agent: Agent, rng: np.random.Generator, device: torch.device, probe: np.ndarray):
-    """The policy the rollout samples from, obs -> (action, logprob, value) in NumPy: numpy_policy on the CPU where it
-    reproduces get_action_and_value on the probe observations, else the torch network itself."""
+    """The policy the rollout samples from: numpy_policy on the CPU where it reproduces get_action_and_value on the
+    probe observations, else the torch network itself."""
     policy = numpy_policy(agent, rng) if device.type == "cpu" else None
     if policy is not None:
         try:
@@ -367,14 +378,7 @@ def rollout_policy(agent: Agent, rng: np.random.Generator, device: torch.device,
         if mismatch:
             print(f"note: the NumPy rollout cannot follow this Agent ({mismatch}): the rollout runs the torch network")
             policy = None
-    if policy is None:
-
-        def policy(obs):
-            with torch.no_grad():
-                action, logprob, _, value = agent.get_action_and_value(torch.from_numpy(obs).to(device))
-            return action.cpu().numpy(), logprob.cpu().numpy(), value.cpu().numpy()
-
-    return policy
+    return policy or torch_policy(agent, device)
 
 
 def compute_gae(rewards, values, terminations, truncations, resets, next_value, gamma, gae_lambda):

@@ -40,6 +40,8 @@ class Args:
     """the name of this experiment, part of the run folder's name"""
     seed: int = 1
     """seed of random, numpy, torch and the environments"""
+    cuda: bool = False
+    """if toggled, the network trains on the GPU (CUDA) where there is one; a 64x64 MLP trains faster on the CPU"""
     track: bool = False
     """if toggled, log the run to Weights and Biases as well"""
     wandb_project_name: str = "ppo"
@@ -206,6 +208,12 @@ def to_env_action(action: np.ndarray, space: gym.spaces.Box) -> np.ndarray:
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
+def choose_device(cuda: bool) -> torch.device:
+    if cuda and not torch.cuda.is_available():
+        print("note: --cuda: torch sees no CUDA device here; running on the CPU")
+    return torch.device("cuda" if cuda and torch.cuda.is_available() else "cpu")
+
+
 def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
     torch.nn.init.orthogonal_(layer.weight, std)
     torch.nn.init.constant_(layer.bias, bias_const)
@@ -241,42 +249,15 @@ class Agent(nn.Module):
         )
         self.actor_logstd = nn.Parameter(torch.zeros(1, act_dim))
 
+    def features(self, x):
+        return x.flatten(1)
+
     def get_value(self, x):
-        return self.critic(x.flatten(1)).squeeze(-1)
-
-    def numpy_policy(self, rng: np.random.Generator):
-        """The sampling policy of the rollout in NumPy, over views of the parameters' memory (no copy: it follows
-        every optimizer step). At a few envs a torch forward is ~25 ops of ~5 us dispatch each; this one takes 19 us a
-        call, torch 100 (one HalfCheetah env). Returns obs -> (action, logprob, value), as get_action_and_value."""
-        actor, critic = (
-            [(m.weight.detach().numpy().T, m.bias.detach().numpy()) if isinstance(m, nn.Linear) else m for m in net]
-            for net in (self.actor, self.critic)
-        )
-        logstd = self.actor_logstd.detach().numpy()
-
-        def forward(layers, x):
-            for layer in layers:
-                if isinstance(layer, tuple):
-                    x = x @ layer[0] + layer[1]
-                elif isinstance(layer, nn.Tanh):
-                    x = np.tanh(x)
-                else:
-                    raise NotImplementedError(f"numpy_policy: add {layer} to forward() to use it in the network")
-            return x
-
-        def policy(obs):
-            x = obs.reshape(len(obs), -1)
-            noise = rng.standard_normal((len(x), logstd.shape[-1]), dtype=np.float32)
-            action = forward(actor, x) + np.exp(logstd) * noise
-            # the Gaussian log-density at the sample, where (action - mean) / std is the noise, over all dimensions
-            logprob = (-0.5 * np.square(noise) - logstd - HALF_LOG_2PI).sum(-1)
-            return action, logprob, forward(critic, x)[:, 0]
-
-        return policy
+        return self.critic(self.features(x)).squeeze(-1)
 
     def get_action_and_value(self, x, action=None, greedy=False):
         # Gaussian maths written out: torch.distributions objects cost more than the network at this size.
-        x = x.flatten(1)
+        x = self.features(x)
         action_mean, action_std = self.actor(x), self.actor_logstd.exp()
         if action is None:
             action = action_mean if greedy else action_mean + action_std * torch.randn_like(action_mean)
@@ -285,20 +266,106 @@ class Agent(nn.Module):
         return action, logprob, entropy, self.critic(x).squeeze(-1)
 
 
-def flatten_parameters(module: nn.Module) -> nn.Parameter:
-    """Move all of module's parameters into one flat Parameter, and their gradients into its .grad: each parameter
-    and its .grad become views of these. The optimizer and gradient clipping then make one call instead of one per
-    tensor; on the CPU that per-tensor overhead outweighs their maths for a small MLP (update 13% faster). Zero the
-    gradient in place (`zero_grad(set_to_none=False)`): setting it to None would cut the views loose."""
-    params = list(module.parameters())
-    flat = nn.Parameter(torch.cat([p.detach().reshape(-1) for p in params]))
-    flat.grad = torch.zeros_like(flat)
-    offset = 0
-    for p in params:
-        p.data = flat.data[offset : offset + p.numel()].view_as(p)
-        p.grad = flat.grad[offset : offset + p.numel()].view_as(p)
-        offset += p.numel()
-    return flat
+def numpy_module(module: nn.Module):
+    """module as a NumPy function over views of its parameters' memory, so that it follows every in-place optimizer
+    step; None where it holds a layer this mirror does not know (the rollout then runs the torch network)."""
+    if isinstance(module, nn.Sequential):
+        layers = [numpy_module(layer) for layer in module]
+        if None in layers:
+            return None
+
+        def sequential(x):
+            for layer in layers:
+                x = layer(x)
+            return x
+
+        return sequential
+    param = {name: p.detach().numpy() for name, p in module.named_parameters(recurse=False)}
+    if isinstance(module, nn.Linear):
+        weight, bias = param["weight"].T, param.get("bias", 0)
+        return lambda x: x @ weight + bias
+    if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1:
+        weight, bias, eps = param.get("weight", 1), param.get("bias", 0), module.eps
+        return lambda x: (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + eps) * weight + bias
+    return {nn.Tanh: np.tanh, nn.ReLU: lambda x: np.maximum(x, 0), nn.Identity: lambda x: x}.get(type(module))
+
+
+def numpy_policy(agent: Agent, rng: np.random.Generator):
+    """The rollout's sampling written in NumPy, derived from the agent's actor and critic: at a few envs a torch forward
+    is dozens of small ops, each paying its dispatch, and this runs faster per env step. obs -> (action, logprob,
+    value), as get_action_and_value; None where the actor or critic holds a layer numpy_module does not know."""
+    actor, critic = numpy_module(agent.actor), numpy_module(agent.critic)
+    if actor is None or critic is None:
+        return None
+    logstd = agent.actor_logstd.detach().numpy()
+
+    def policy(obs):
+        x = obs.reshape(len(obs), -1)
+        noise = rng.standard_normal((len(x), logstd.shape[-1]), dtype=np.float32)
+        action = actor(x) + np.exp(logstd) * noise
+        # the Gaussian log-density at the sample, where (action - mean) / std is the noise, over all dimensions
+        logprob = (-0.5 * np.square(noise) - logstd - HALF_LOG_2PI).sum(-1)
+        return action, logprob, critic(x)[:, 0]
+
+    return policy
+
+
+# Float32 rounding in another order (NumPy, another batch size) moves a log-probability or a value by about 1e-6 of
+# its size; two different networks, or one before and after an optimizer step, differ by far more.
+ROLLOUT_TOLERANCE = 1e-4
+
+
+def rollout_mismatch(newlogprob, logprob, newvalue, value, tolerance: float = ROLLOUT_TOLERANCE) -> str:
+    """What differs between the log-probabilities and values the rollout stored and the network's on the same
+    observations and actions ("" if nothing does beyond float rounding)."""
+    errors = []
+    for name, new, old in (("log-probabilities", newlogprob, logprob), ("values", newvalue, value)):
+        new, old = torch.as_tensor(new).float().cpu(), torch.as_tensor(old).float().cpu()
+        error = (new - old).abs()
+        if (error > tolerance * (1 + old.abs())).any():
+            errors.append(f"{name} by up to {error.max().item():.3g}")
+    return " and ".join(errors)
+
+
+def check_rollout(newlogprob, logprob, newvalue, value, iteration: int) -> None:
+    """The guard of every update: before its first optimizer step, the network must give the rollout's stored
+    log-probabilities and values back (a probability ratio of 1). Raises UserError naming what diverged."""
+    mismatch = rollout_mismatch(newlogprob, logprob, newvalue, value)
+    if mismatch:
+        raise UserError(
+            f"iteration {iteration}: the network's {mismatch} differ from the rollout's before any update, so the "
+            "rollout sampled from another policy than the one trained; the rollout and the update must compute the "
+            "same network on the same observations (a random layer such as Dropout breaks that)"
+        )
+
+
+def torch_policy(agent: Agent, device: torch.device):
+    """The rollout's sampling by the torch network itself: obs -> (action, logprob, value), NumPy in and out."""
+
+    def policy(obs):
+        with torch.no_grad():
+            action, logprob, _, value = agent.get_action_and_value(torch.from_numpy(obs).to(device))
+        return action.cpu().numpy(), logprob.cpu().numpy(), value.cpu().numpy()
+
+    return policy
+
+
+def rollout_policy(agent: Agent, rng: np.random.Generator, device: torch.device, probe: np.ndarray):
+    """The policy the rollout samples from: numpy_policy on the CPU where it reproduces get_action_and_value on the
+    probe observations, else the torch network itself."""
+    policy = numpy_policy(agent, rng) if device.type == "cpu" else None
+    if policy is not None:
+        try:
+            action, logprob, value = policy(probe)
+            with torch.no_grad():
+                _, newlogprob, _, newvalue = agent.get_action_and_value(*map(torch.from_numpy, (probe, action)))
+            mismatch = rollout_mismatch(newlogprob, logprob, newvalue, value)
+        except Exception as e:  # an edited network the mirror cannot even run, e.g. other input sizes
+            mismatch = f"it fails with {type(e).__name__}"
+        if mismatch:
+            print(f"note: the NumPy rollout cannot follow this Agent ({mismatch}): the rollout runs the torch network")
+            policy = None
+    return policy or torch_policy(agent, device)
 
 
 def compute_gae(rewards, values, terminations, truncations, resets, next_value, gamma, gae_lambda):
@@ -413,14 +480,14 @@ def evaluate(
     """Real episodic returns of num_episodes played with the greedy policy (the mean action), the observations
     normalised by the training statistics, frozen."""
     next_obs, _ = envs.reset(seed=seed)
-    tracker, returns = EpisodeTracker(envs.num_envs), []
+    tracker, returns, device = EpisodeTracker(envs.num_envs), [], next(agent.parameters()).device
     while len(returns) < num_episodes:
         if obs_mask is not None:
             next_obs = next_obs * obs_mask
         with torch.no_grad():
-            x = torch.from_numpy(obs_norm(next_obs, update=False))
-            action, *_ = agent.get_action_and_value(x, greedy=True)
-        next_obs, reward, terminated, truncated, _ = envs.step(to_env_action(action.numpy(), envs.single_action_space))
+            x = torch.as_tensor(obs_norm(next_obs, update=False), device=device)
+            action = agent.get_action_and_value(x, greedy=True)[0].cpu().numpy()
+        next_obs, reward, terminated, truncated, _ = envs.step(to_env_action(action, envs.single_action_space))
         returns += [episode_return for episode_return, _ in tracker.step(reward, terminated, truncated)]
     return returns[:num_episodes]
 
@@ -493,13 +560,13 @@ def main(args: Args) -> None:
         raise UserError(f"--capture-video: videos are rendered by gymnasium, which has no env {args.env_id}")
     if args.capture_video and sys.platform == "linux" and not os.environ.get("DISPLAY"):
         os.environ.setdefault("MUJOCO_GL", "egl")  # MuJoCo renders through a window (GLFW) by default: none here
-    # It runs on the CPU, in one thread: at a 64x64 MLP's sizes a GPU's launch latency and a second CPU thread's
-    # synchronisation both cost more than they bring (one thread: a 14% faster update on 2 cores, README Speed).
+    device = choose_device(args.cuda)
+    # One CPU thread: at a 64x64 MLP's sizes a second thread's synchronisation costs more than it brings.
     torch.set_num_threads(1)
 
     if args.eval_checkpoint:
         envs = make_envs(args.env_id, 1, args.seed, backend)
-        agent = Agent(envs.single_observation_space, envs.single_action_space)
+        agent = Agent(envs.single_observation_space, envs.single_action_space).to(device)
         envs.close()
         load_agent(agent, checkpoint, "--eval-checkpoint")
         obs_norm = ObsNormalizer(envs.single_observation_space.shape)
@@ -521,11 +588,9 @@ def main(args: Args) -> None:
     torch.manual_seed(seed)
 
     envs = make_envs(args.env_id, args.num_envs, seed, backend)
-    agent = Agent(envs.single_observation_space, envs.single_action_space)
-    flat_params = flatten_parameters(agent)
-    policy = agent.numpy_policy(np.random.default_rng(seed))
-    # Fused Adam: a third of the time of the default implementation on the CPU.
-    optimizer = torch.optim.Adam([flat_params], lr=args.learning_rate, eps=1e-5, fused=True)
+    agent = Agent(envs.single_observation_space, envs.single_action_space).to(device)
+    # Fused Adam: one kernel for every parameter, a third of the time of the default implementation on the CPU.
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
     obs_norm = ObsNormalizer(envs.single_observation_space.shape)
     return_scaler = ReturnScaler(args.num_envs, args.gamma)
     if checkpoint:
@@ -576,12 +641,17 @@ def main(args: Args) -> None:
     # The networks see, and the rollout stores, each observation masked (--mask-velocity) and normalised once, as the
     # envs return it: the same numbers serve the policy, the stored batch and next_value.
     next_obs = obs_norm(next_obs if obs_mask is None else next_obs * obs_mask)
+    obs_space = envs.single_observation_space
+    obs_space.seed(seed)
+    probe = np.stack([obs_space.sample() for _ in range(64)]).astype(np.float32)
+    policy = rollout_policy(agent, np.random.default_rng(seed), device, probe)
     start_time, start_step = time.time(), global_step
 
     for iteration in range(start_iteration, num_iterations + 1):
         if args.anneal_lr:
             frac = 1.0 - (iteration - 1.0) / num_iterations
-            optimizer.param_groups[0]["lr"] = frac * args.learning_rate
+            for group in optimizer.param_groups:  # each group from its own initial lr, as torch's schedulers
+                group["lr"] = frac * group.setdefault("initial_lr", group["lr"])
 
         for step in range(args.num_steps):
             global_step += args.num_envs
@@ -600,23 +670,25 @@ def main(args: Args) -> None:
                 writer.add_scalar("charts/episodic_length", episode_length, global_step)
 
         with torch.no_grad():
-            next_value = agent.get_value(torch.as_tensor(next_obs, dtype=torch.float32)).numpy()
+            next_value = agent.get_value(torch.as_tensor(next_obs, dtype=torch.float32, device=device)).cpu().numpy()
         advantages, returns = compute_gae(
             rewards, values, terminations, truncations, resets, next_value, args.gamma, args.gae_lambda
         )
 
         # Train only on real transitions: the reset steps of next-step autoreset are left out of the batch.
         transition = ~resets.reshape(-1)
-        b_obs = torch.from_numpy(obs.reshape(-1, *obs_shape)[transition])
-        b_actions = torch.from_numpy(actions.reshape(-1, actions.shape[-1])[transition])
+        b_obs = torch.from_numpy(obs.reshape(-1, *obs_shape)[transition]).to(device)
+        b_actions = torch.from_numpy(actions.reshape(-1, actions.shape[-1])[transition]).to(device)
         b_logprobs, b_advantages, b_returns, b_values = (
-            torch.from_numpy(x.reshape(-1)[transition]) for x in (logprobs, advantages, returns, values)
+            torch.from_numpy(x.reshape(-1)[transition]).to(device) for x in (logprobs, advantages, returns, values)
         )
 
-        stats, num_updates = torch.zeros(6), 0
+        stats, num_updates = torch.zeros(6, device=device), 0
         for epoch in range(args.update_epochs):
-            for mb_inds in torch.randperm(len(b_obs)).tensor_split(args.num_minibatches):
+            for mb_inds in torch.randperm(len(b_obs), device=device).tensor_split(args.num_minibatches):
                 _, newlogprob, entropy, newvalue = agent.get_action_and_value(b_obs[mb_inds], b_actions[mb_inds])
+                if num_updates == 0:  # nothing has moved the network since the rollout: it must give the same numbers
+                    check_rollout(newlogprob, b_logprobs[mb_inds], newvalue, b_values[mb_inds], iteration)
                 logratio = newlogprob - b_logprobs[mb_inds]
                 ratio = logratio.exp()
 
@@ -649,9 +721,9 @@ def main(args: Args) -> None:
                 entropy_loss = entropy.mean()
                 loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
 
-                optimizer.zero_grad(set_to_none=False)
+                optimizer.zero_grad()
                 loss.backward()
-                nn.utils.clip_grad_norm_(flat_params, args.max_grad_norm)
+                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
                 optimizer.step()
                 stats += torch.stack([pg_loss, v_loss, entropy_loss, old_approx_kl, approx_kl, clipfrac]).detach()
                 num_updates += 1
@@ -661,7 +733,7 @@ def main(args: Args) -> None:
 
         # Losses are averaged over every minibatch of the iteration, not taken from the last one.
         stats = (stats / num_updates).tolist()
-        y_pred, y_true = b_values.numpy(), b_returns.numpy()
+        y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
         var_y = np.var(y_true)
         explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
         sps = (global_step - start_step) / (time.time() - start_time)

@@ -51,6 +51,8 @@ class Args:
     """the name of this experiment, part of the run folder's name"""
     seed: int = 1
     """seed of random, numpy, torch and the environments (each rank derives its own from it)"""
+    cuda: bool = False
+    """if toggled, the network trains on the GPU (CUDA) where there is one; a 64x64 MLP trains faster on the CPU"""
     track: bool = False
     """if toggled, log the run to Weights and Biases as well"""
     wandb_project_name: str = "ppo"
@@ -236,6 +238,12 @@ def to_env_action(action: np.ndarray, space: gym.Space) -> np.ndarray:
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
+def choose_device(cuda: bool) -> torch.device:
+    if cuda and not torch.cuda.is_available():
+        print("note: --cuda: torch sees no CUDA device here; running on the CPU")
+    return torch.device("cuda" if cuda and torch.cuda.is_available() else "cpu")
+
+
 def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
     torch.nn.init.orthogonal_(layer.weight, std)
     torch.nn.init.constant_(layer.bias, bias_const)
@@ -294,51 +302,6 @@ class Agent(nn.Module):
     def get_value(self, x):
         return self.critic(self.features(x)).squeeze(-1)
 
-    def numpy_policy(self, rng: np.random.Generator):
-        """The sampling policy of the rollout in NumPy, over views of the parameters' memory (no copy: it follows
-        every optimizer step). At a few envs a torch forward is ~25 ops of ~5 us dispatch each; this one runs 2.5x
-        faster per env step (ppo.py's README, Speed). Returns obs -> (action, logprob, value), as
-        get_action_and_value."""
-        actor, critic = (
-            [(m.weight.detach().numpy().T, m.bias.detach().numpy()) if isinstance(m, nn.Linear) else m for m in net]
-            for net in (self.actor, self.critic)
-        )
-        onehot = np.eye(self.obs_onehot, dtype=np.float32) if self.obs_onehot else None
-        if self.continuous:
-            logstd = self.actor_logstd.detach().numpy()
-        else:
-            padding = None if self.logit_padding is None else self.logit_padding.numpy()
-            categories = np.arange(self.logits_shape[1])  # for the sampled action's log-probability
-
-        def forward(layers, x):
-            for layer in layers:
-                if isinstance(layer, tuple):
-                    x = x @ layer[0] + layer[1]
-                elif isinstance(layer, nn.Tanh):
-                    x = np.tanh(x)
-                else:
-                    raise NotImplementedError(f"numpy_policy: add {layer} to forward() to use it in the network")
-            return x
-
-        def policy(obs):
-            x = onehot[obs.astype(np.int64)] if self.obs_onehot else obs.reshape(len(obs), -1)
-            if self.continuous:
-                noise = rng.standard_normal((len(x), logstd.shape[-1]), dtype=np.float32)
-                action = forward(actor, x) + np.exp(logstd) * noise
-                # the Gaussian log-density at the sample, where (action - mean) / std is the noise, over all dimensions
-                logprob = (-0.5 * np.square(noise) - logstd - HALF_LOG_2PI).sum(-1)
-            else:
-                logits = forward(actor, x).reshape(len(x), *self.logits_shape)
-                if padding is not None:
-                    logits = logits + padding
-                logits = logits - logits.max(-1, keepdims=True)
-                logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-                action = (logp - np.log(rng.standard_exponential(logp.shape, dtype=np.float32))).argmax(-1)
-                logprob = (logp * (categories == action[..., None])).sum((-2, -1))
-            return action, logprob, forward(critic, x)[:, 0]
-
-        return policy
-
     def get_action_and_value(self, x, action=None, greedy=False):
         # Distributions' maths written out: torch.distributions objects cost more than the network at this size.
         x = self.features(x)
@@ -362,20 +325,120 @@ class Agent(nn.Module):
         return action, logprob, entropy, self.critic(x).squeeze(-1)
 
 
-def flatten_parameters(module: nn.Module) -> nn.Parameter:
-    """Move all of module's parameters into one flat Parameter, and their gradients into its .grad: each parameter
-    and its .grad become views of these. The optimizer and gradient clipping then make one call instead of one per
-    tensor; on the CPU that per-tensor overhead outweighs their maths for a small MLP (update 13% faster). Zero the
-    gradient in place (`zero_grad(set_to_none=False)`): setting it to None would cut the views loose."""
-    params = list(module.parameters())
-    flat = nn.Parameter(torch.cat([p.detach().reshape(-1) for p in params]))
-    flat.grad = torch.zeros_like(flat)
-    offset = 0
-    for p in params:
-        p.data = flat.data[offset : offset + p.numel()].view_as(p)
-        p.grad = flat.grad[offset : offset + p.numel()].view_as(p)
-        offset += p.numel()
-    return flat
+def numpy_module(module: nn.Module):
+    """module as a NumPy function over views of its parameters' memory, so that it follows every in-place optimizer
+    step; None where it holds a layer this mirror does not know (the rollout then runs the torch network)."""
+    if isinstance(module, nn.Sequential):
+        layers = [numpy_module(layer) for layer in module]
+        if None in layers:
+            return None
+
+        def sequential(x):
+            for layer in layers:
+                x = layer(x)
+            return x
+
+        return sequential
+    param = {name: p.detach().numpy() for name, p in module.named_parameters(recurse=False)}
+    if isinstance(module, nn.Linear):
+        weight, bias = param["weight"].T, param.get("bias", 0)
+        return lambda x: x @ weight + bias
+    if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1:
+        weight, bias, eps = param.get("weight", 1), param.get("bias", 0), module.eps
+        return lambda x: (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + eps) * weight + bias
+    return {nn.Tanh: np.tanh, nn.ReLU: lambda x: np.maximum(x, 0), nn.Identity: lambda x: x}.get(type(module))
+
+
+def numpy_policy(agent: Agent, rng: np.random.Generator):
+    """The rollout's sampling written in NumPy, derived from the agent's actor and critic: at a few envs a torch forward
+    is dozens of small ops, each paying its dispatch, and this runs faster per env step. obs -> (action, logprob,
+    value), as get_action_and_value; None where the actor or critic holds a layer numpy_module does not know."""
+    actor, critic = numpy_module(agent.actor), numpy_module(agent.critic)
+    if actor is None or critic is None:
+        return None
+    onehot = np.eye(agent.obs_onehot, dtype=np.float32) if agent.obs_onehot else None
+    if agent.continuous:
+        logstd = agent.actor_logstd.detach().numpy()
+    else:
+        padding = None if agent.logit_padding is None else agent.logit_padding.numpy()
+        categories = np.arange(agent.logits_shape[1])  # for the sampled action's log-probability
+
+    def policy(obs):
+        x = onehot[obs.astype(np.int64)] if agent.obs_onehot else obs.reshape(len(obs), -1)
+        if agent.continuous:
+            noise = rng.standard_normal((len(x), logstd.shape[-1]), dtype=np.float32)
+            action = actor(x) + np.exp(logstd) * noise
+            # the Gaussian log-density at the sample, where (action - mean) / std is the noise, over all dimensions
+            logprob = (-0.5 * np.square(noise) - logstd - HALF_LOG_2PI).sum(-1)
+        else:
+            logits = actor(x).reshape(len(x), *agent.logits_shape)
+            if padding is not None:
+                logits = logits + padding
+            logits = logits - logits.max(-1, keepdims=True)
+            logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+            action = (logp - np.log(rng.standard_exponential(logp.shape, dtype=np.float32))).argmax(-1)
+            logprob = (logp * (categories == action[..., None])).sum((-2, -1))
+        return action, logprob, critic(x)[:, 0]
+
+    return policy
+
+
+# Float32 rounding in another order (NumPy, another batch size) moves a log-probability or a value by about 1e-6 of
+# its size; two different networks, or one before and after an optimizer step, differ by far more.
+ROLLOUT_TOLERANCE = 1e-4
+
+
+def rollout_mismatch(newlogprob, logprob, newvalue, value, tolerance: float = ROLLOUT_TOLERANCE) -> str:
+    """What differs between the log-probabilities and values the rollout stored and the network's on the same
+    observations and actions ("" if nothing does beyond float rounding)."""
+    errors = []
+    for name, new, old in (("log-probabilities", newlogprob, logprob), ("values", newvalue, value)):
+        new, old = torch.as_tensor(new).float().cpu(), torch.as_tensor(old).float().cpu()
+        error = (new - old).abs()
+        if (error > tolerance * (1 + old.abs())).any():
+            errors.append(f"{name} by up to {error.max().item():.3g}")
+    return " and ".join(errors)
+
+
+def check_rollout(newlogprob, logprob, newvalue, value, iteration: int) -> None:
+    """The guard of every update: before its first optimizer step, the network must give the rollout's stored
+    log-probabilities and values back (a probability ratio of 1). Raises UserError naming what diverged."""
+    mismatch = rollout_mismatch(newlogprob, logprob, newvalue, value)
+    if mismatch:
+        raise UserError(
+            f"iteration {iteration}: the network's {mismatch} differ from the rollout's before any update, so the "
+            "rollout sampled from another policy than the one trained; the rollout and the update must compute the "
+            "same network on the same observations (a random layer such as Dropout breaks that)"
+        )
+
+
+def torch_policy(agent: Agent, device: torch.device):
+    """The rollout's sampling by the torch network itself: obs -> (action, logprob, value), NumPy in and out."""
+
+    def policy(obs):
+        with torch.no_grad():
+            action, logprob, _, value = agent.get_action_and_value(torch.from_numpy(obs).to(device))
+        return action.cpu().numpy(), logprob.cpu().numpy(), value.cpu().numpy()
+
+    return policy
+
+
+def rollout_policy(agent: Agent, rng: np.random.Generator, device: torch.device, probe: np.ndarray):
+    """The policy the rollout samples from: numpy_policy on the CPU where it reproduces get_action_and_value on the
+    probe observations, else the torch network itself."""
+    policy = numpy_policy(agent, rng) if device.type == "cpu" else None
+    if policy is not None:
+        try:
+            action, logprob, value = policy(probe)
+            with torch.no_grad():
+                _, newlogprob, _, newvalue = agent.get_action_and_value(*map(torch.from_numpy, (probe, action)))
+            mismatch = rollout_mismatch(newlogprob, logprob, newvalue, value)
+        except Exception as e:  # an edited network the mirror cannot even run, e.g. other input sizes
+            mismatch = f"it fails with {type(e).__name__}"
+        if mismatch:
+            print(f"note: the NumPy rollout cannot follow this Agent ({mismatch}): the rollout runs the torch network")
+            policy = None
+    return policy or torch_policy(agent, device)
 
 
 def compute_gae(rewards, values, terminations, truncations, resets, next_value, gamma, gae_lambda):
@@ -565,6 +628,18 @@ def scale_rewards_across_ranks(
     return scaled[:, comm.rank * num_envs : (comm.rank + 1) * num_envs]
 
 
+def average_gradients(comm: MPI.Comm, parameters) -> None:
+    """Average every parameter's gradient over the ranks, in one Allreduce of their concatenation in host memory
+    (whatever the device); a parameter without a gradient on a rank counts as zero there."""
+    params = [p for p in parameters if p.requires_grad]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads]).cpu().numpy()
+    comm.Allreduce(MPI.IN_PLACE, flat, op=MPI.SUM)
+    flat = torch.from_numpy(flat / comm.Get_size()).to(params[0].device)
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = g.view_as(p)
+
+
 def differing_ranks(comm: MPI.Comm, arrays: list) -> list:
     """The ranks whose arrays differ, bit for bit, from rank 0's (compared by their SHA-256 digests)."""
     digest = hashlib.sha256(b"".join(np.ascontiguousarray(a).tobytes() for a in arrays)).hexdigest()
@@ -578,15 +653,16 @@ def evaluate(
     """Real episodic returns of num_episodes played with the greedy policy (the most likely action, or the mean
     action), the observations normalised by the training statistics, frozen, where the task has them."""
     next_obs, _ = envs.reset(seed=seed)
-    tracker, returns = EpisodeTracker(envs.num_envs), []
+    tracker, returns, device = EpisodeTracker(envs.num_envs), [], next(agent.parameters()).device
     while len(returns) < num_episodes:
         if obs_mask is not None:
             next_obs = next_obs * obs_mask
         if obs_norm is not None:
             next_obs = obs_norm(next_obs, update=False)
         with torch.no_grad():
-            action, *_ = agent.get_action_and_value(torch.as_tensor(next_obs, dtype=torch.float32), greedy=True)
-        next_obs, reward, terminated, truncated, _ = envs.step(to_env_action(action.numpy(), envs.single_action_space))
+            x = torch.as_tensor(next_obs, dtype=torch.float32, device=device)
+            action = agent.get_action_and_value(x, greedy=True)[0].cpu().numpy()
+        next_obs, reward, terminated, truncated, _ = envs.step(to_env_action(action, envs.single_action_space))
         returns += [episode_return for episode_return, _ in tracker.step(reward, terminated, truncated)]
     return returns[:num_episodes]
 
@@ -669,8 +745,9 @@ def main(args: Args, comm: MPI.Comm) -> None:
             raise UserError(f"--capture-video: videos are rendered by gymnasium, which has no env {args.env_id}")
         if args.capture_video and sys.platform == "linux" and not os.environ.get("DISPLAY"):
             os.environ.setdefault("MUJOCO_GL", "egl")  # MuJoCo renders through a window (GLFW) by default: none here
-        # Each rank runs on the CPU in one thread: at a 64x64 MLP's sizes a GPU's launch latency and a second thread's
-        # synchronisation cost more than they bring (ppo.py's README, Speed); the ranks are the parallelism here.
+        device = choose_device(args.cuda)
+        # One CPU thread per rank: at a 64x64 MLP's sizes a second thread's synchronisation costs more than it brings;
+        # the ranks are the parallelism here.
         torch.set_num_threads(1)
 
         # Steps of all ranks per iteration; a resumed run, on any number of ranks, goes on from its global step.
@@ -691,7 +768,7 @@ def main(args: Args, comm: MPI.Comm) -> None:
         torch.manual_seed(seed)
 
         envs = make_envs(args.env_id, 1 if args.eval_checkpoint else args.num_envs, seed, backend)
-        agent = Agent(envs.single_observation_space, envs.single_action_space)
+        agent = Agent(envs.single_observation_space, envs.single_action_space).to(device)
         if checkpoint:
             load_agent(agent, checkpoint, "--eval-checkpoint" if args.eval_checkpoint else "--resume")
 
@@ -711,13 +788,12 @@ def main(args: Args, comm: MPI.Comm) -> None:
             run_evaluation(agent, obs_norm, args, backend, args.seed, video_folder)
         return
 
-    flat_params = flatten_parameters(agent)
     # Every rank starts from rank 0's network (or the checkpoint's, the same everywhere).
-    comm.Bcast(flat_params.data.numpy(), root=0)
-    grad_buffer = flat_params.grad.numpy()  # a view: the Allreduce averages the gradient in place
-    policy = agent.numpy_policy(np.random.default_rng(seed))
-    # Fused Adam: a third of the time of the default implementation on the CPU.
-    optimizer = torch.optim.Adam([flat_params], lr=args.learning_rate, eps=1e-5, fused=True)
+    params = nn.utils.parameters_to_vector(agent.parameters()).cpu().numpy()
+    comm.Bcast(params, root=0)
+    nn.utils.vector_to_parameters(torch.from_numpy(params).to(device), agent.parameters())
+    # Fused Adam: one kernel for every parameter, a third of the time of the default implementation on the CPU.
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
     if checkpoint:
         optimizer.load_state_dict(checkpoint["optimizer"])
 
@@ -769,11 +845,17 @@ def main(args: Args, comm: MPI.Comm) -> None:
     obs_mask = velocity_mask(args, envs.single_observation_space)
     next_obs, _ = envs.reset(seed=seed)
     next_obs = next_obs if obs_mask is None else next_obs * obs_mask
+    obs_space = envs.single_observation_space
+    obs_space.seed(seed)
+    probe = np.stack([obs_space.sample() for _ in range(64)]).astype(np.float32)
+    policy = rollout_policy(agent, np.random.default_rng(seed), device, probe)
     start_time, start_step = time.time(), global_step
     final_step = global_step + num_iterations * global_batch
 
     for iteration in range(1, num_iterations + 1):
-        optimizer.param_groups[0]["lr"] = args.learning_rate * lr_multiplier(args.lr_schedule, global_step / final_step)
+        multiplier = lr_multiplier(args.lr_schedule, global_step / final_step)
+        for group in optimizer.param_groups:  # each group from its own initial lr, as torch's schedulers
+            group["lr"] = multiplier * group.setdefault("initial_lr", group["lr"])
 
         iteration_start, episodes = global_step, []
         for step in range(args.num_steps):
@@ -796,7 +878,7 @@ def main(args: Args, comm: MPI.Comm) -> None:
 
         with torch.no_grad():
             last_obs = obs_norm(next_obs, update=False) if normalize else next_obs
-            next_value = agent.get_value(torch.as_tensor(last_obs, dtype=torch.float32)).numpy()
+            next_value = agent.get_value(torch.as_tensor(last_obs, dtype=torch.float32, device=device)).cpu().numpy()
         train_rewards = rewards
         if normalize:
             merge_across_ranks(comm, obs_norm, raw_obs.reshape(-1, *obs_shape))
@@ -807,16 +889,18 @@ def main(args: Args, comm: MPI.Comm) -> None:
 
         # Train only on real transitions: the reset steps of next-step autoreset are left out of the batch.
         transition = ~resets.reshape(-1)
-        b_obs = torch.from_numpy(obs.reshape(-1, *obs_shape)[transition])
-        b_actions = torch.from_numpy(actions.reshape(-1, actions.shape[-1])[transition])
+        b_obs = torch.from_numpy(obs.reshape(-1, *obs_shape)[transition]).to(device)
+        b_actions = torch.from_numpy(actions.reshape(-1, actions.shape[-1])[transition]).to(device)
         b_logprobs, b_advantages, b_returns, b_values = (
-            torch.from_numpy(x.reshape(-1)[transition]) for x in (logprobs, advantages, returns, values)
+            torch.from_numpy(x.reshape(-1)[transition]).to(device) for x in (logprobs, advantages, returns, values)
         )
 
-        stats, num_updates = torch.zeros(6), 0
+        stats, num_updates = torch.zeros(6, device=device), 0
         for epoch in range(args.update_epochs):
-            for mb_inds in torch.randperm(len(b_obs)).tensor_split(args.num_minibatches):
+            for mb_inds in torch.randperm(len(b_obs), device=device).tensor_split(args.num_minibatches):
                 _, newlogprob, entropy, newvalue = agent.get_action_and_value(b_obs[mb_inds], b_actions[mb_inds])
+                if num_updates == 0:  # nothing has moved the network since the rollout: it must give the same numbers
+                    check_rollout(newlogprob, b_logprobs[mb_inds], newvalue, b_values[mb_inds], iteration)
                 logratio = newlogprob - b_logprobs[mb_inds]
                 ratio = logratio.exp()
 
@@ -849,13 +933,11 @@ def main(args: Args, comm: MPI.Comm) -> None:
                 entropy_loss = entropy.mean()
                 loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
 
-                optimizer.zero_grad(set_to_none=False)
+                optimizer.zero_grad()
                 loss.backward()
-                # The ranks' gradients of their own minibatches, averaged in one Allreduce of the flat buffer (each
-                # rank's minibatch weighs the same, as in PPO1): every rank takes the same step from the same network.
-                comm.Allreduce(MPI.IN_PLACE, grad_buffer, op=MPI.SUM)
-                flat_params.grad.div_(num_ranks)
-                nn.utils.clip_grad_norm_(flat_params, args.max_grad_norm)
+                # Each rank's minibatch weighs the same (PPO1): every rank takes the same step from the same network.
+                average_gradients(comm, agent.parameters())
+                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
                 optimizer.step()
                 stats += torch.stack([pg_loss, v_loss, entropy_loss, old_approx_kl, approx_kl, clipfrac]).detach()
                 num_updates += 1
@@ -865,7 +947,8 @@ def main(args: Args, comm: MPI.Comm) -> None:
                 break
 
         # Rank 0 gathers every rank's episodes, losses, values and returns of the iteration.
-        gathered = comm.gather((episodes, (stats / num_updates).numpy(), b_values.numpy(), b_returns.numpy()), root=0)
+        rank_stats = [(stats / num_updates).cpu().numpy(), b_values.cpu().numpy(), b_returns.cpu().numpy()]
+        gathered = comm.gather((episodes, *rank_stats), root=0)
         if rank == 0:
             # Each rank's episode ended at its step `step` of the iteration, when all ranks had made step + 1 steps.
             for step, episode_return, episode_length in sorted(
@@ -917,7 +1000,8 @@ def main(args: Args, comm: MPI.Comm) -> None:
 
     envs.close()
     # The ranks stay in step only while every Allreduce gives every rank the same numbers: check that they did.
-    state = [flat_params.detach().numpy()] + [s.numpy() for s in optimizer.state[flat_params].values()]
+    state = [p.detach().cpu().numpy() for p in agent.parameters()]
+    state += [v.cpu().numpy() for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
     state += [obs_norm.mean, obs_norm.var, return_scaler.var] if normalize else []
     differing = differing_ranks(comm, state)
     if rank == 0 and differing:

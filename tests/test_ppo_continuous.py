@@ -22,7 +22,12 @@ SHARED = [
     "make_envs",
     "velocity_mask",
     "layer_init",
-    "flatten_parameters",
+    "choose_device",
+    "numpy_module",
+    "rollout_mismatch",
+    "check_rollout",
+    "torch_policy",
+    "rollout_policy",
     "compute_gae",
     "EpisodeTracker",
     "save_checkpoint",
@@ -150,8 +155,7 @@ def make_agent(name):
 @pytest.mark.parametrize("name", SPACES)
 def test_numpy_policy_matches_torch(name):
     agent = make_agent(name)
-    pc.flatten_parameters(agent)  # as in main: the numpy policy must see through the flat buffer
-    policy = agent.numpy_policy(np.random.default_rng(0))
+    policy = pc.numpy_policy(agent, np.random.default_rng(0))
     obs = np.stack([SPACES[name][0].sample() for _ in range(64)]).astype(np.float32)
     action, logprob, value = policy(obs)
     _, t_logprob, t_entropy, t_value = agent.get_action_and_value(torch.from_numpy(obs), torch.from_numpy(action))
@@ -169,7 +173,7 @@ def test_sampling_follows_the_gaussian(sampler):
     agent = make_agent("1-D")
     obs = np.tile(SPACES["1-D"][0].sample().astype(np.float32), (20000, 1))
     if sampler == "numpy":
-        action = agent.numpy_policy(np.random.default_rng(0))(obs)[0]
+        action = pc.numpy_policy(agent, np.random.default_rng(0))(obs)[0]
     else:
         action = agent.get_action_and_value(torch.from_numpy(obs))[0].detach().numpy()
     with torch.no_grad():
@@ -185,7 +189,7 @@ def test_greedy_takes_the_mean_and_the_env_gets_the_action_clipped():
     action = agent.get_action_and_value(obs, greedy=True)[0]
     assert torch.equal(action, agent.actor(obs.flatten(1)))
     # the sample the rollout stores may leave the bounds; the env gets it reshaped and clipped
-    sample = agent.numpy_policy(np.random.default_rng(0))(obs.numpy())[0]
+    sample = pc.numpy_policy(agent, np.random.default_rng(0))(obs.numpy())[0]
     env_action = pc.to_env_action(sample, space)
     assert env_action.shape == (32, 2, 2) and all(space.contains(a) for a in env_action)
     assert (env_action != sample.reshape(32, 2, 2)).any()

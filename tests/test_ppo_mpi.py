@@ -79,7 +79,7 @@ def test_numpy_policy_matches_torch(name):
     agent = pm.Agent(obs_space, act_space)
     with torch.no_grad():  # larger output weights than the init's, so that the distributions are far from uniform
         agent.actor[-1].weight.mul_(300)
-    policy = agent.numpy_policy(np.random.default_rng(0))
+    policy = pm.numpy_policy(agent, np.random.default_rng(0))
     obs = np.stack([obs_space.sample() for _ in range(64)]).astype(np.float32)
     action, logprob, value = policy(obs)
     assert action.shape == (64, agent.action_size)
