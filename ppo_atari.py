@@ -39,6 +39,8 @@ class Args:
     """the name of this experiment, part of the run folder's name"""
     seed: int = 1
     """seed of random, numpy, torch and the environments"""
+    cuda: bool = True
+    """if toggled, the network trains on the GPU (CUDA) where there is one: the Nature CNN trains faster there"""
     track: bool = False
     """if toggled, log the run to Weights and Biases as well"""
     wandb_project_name: str = "ppo"
@@ -92,7 +94,7 @@ class Args:
     target_kl: float | None = None
     """stop the update epochs early once the approximate KL passes this (None: never)"""
     bf16: bool = True
-    """if toggled, the CNN computes in bfloat16 (float32 weights, heads and losses), where the CPU supports it"""
+    """if toggled, the CNN computes in bfloat16 (float32 weights, heads, losses) on a GPU or a CPU that supports it"""
 
 
 class UserError(Exception):
@@ -162,6 +164,12 @@ def make_envs(env_id: str, num_envs: int, seed: int, render: bool = False):
     )
 
 
+def choose_device(cuda: bool) -> torch.device:
+    if cuda and not torch.cuda.is_available():
+        print("note: --cuda: torch sees no CUDA device here; running on the CPU")
+    return torch.device("cuda" if cuda and torch.cuda.is_available() else "cpu")
+
+
 def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
     torch.nn.init.orthogonal_(layer.weight, std)
     torch.nn.init.constant_(layer.bias, bias_const)
@@ -198,7 +206,7 @@ class Agent(nn.Module):
         that the rollout stores a quarter of the bytes, and cast straight to the type the trunk computes in: bfloat16
         with --bf16 (its weights stay float32); the heads and the losses compute in float32."""
         x = x.contiguous(memory_format=torch.channels_last).to(torch.bfloat16 if self.bf16 else torch.float32)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             return self.network(x / 255).float()
 
     def get_value(self, x):
@@ -217,20 +225,49 @@ class Agent(nn.Module):
         return action, logprob, entropy, self.critic(hidden).squeeze(-1)
 
 
-def flatten_parameters(module: nn.Module) -> nn.Parameter:
-    """Move all of module's parameters into one flat Parameter, and their gradients into its .grad: each parameter
-    and its .grad become views of these. The optimizer and gradient clipping then make one call instead of one per
-    tensor; on the CPU that per-tensor overhead outweighs their maths for a small MLP (update 13% faster). Zero the
-    gradient in place (`zero_grad(set_to_none=False)`): setting it to None would cut the views loose."""
-    params = list(module.parameters())
-    flat = nn.Parameter(torch.cat([p.detach().reshape(-1) for p in params]))
-    flat.grad = torch.zeros_like(flat)
-    offset = 0
-    for p in params:
-        p.data = flat.data[offset : offset + p.numel()].view_as(p)
-        p.grad = flat.grad[offset : offset + p.numel()].view_as(p)
-        offset += p.numel()
-    return flat
+# Float32 rounding in another order (NumPy, another batch size) moves a log-probability or a value by about 1e-6 of
+# its size; two different networks, or one before and after an optimizer step, differ by far more.
+ROLLOUT_TOLERANCE = 1e-4
+
+
+def rollout_mismatch(newlogprob, logprob, newvalue, value, tolerance: float = ROLLOUT_TOLERANCE) -> str:
+    """What differs between the log-probabilities and values the rollout stored and the network's on the same
+    observations and actions ("" if nothing does beyond float rounding)."""
+    errors = []
+    for name, new, old in (("log-probabilities", newlogprob, logprob), ("values", newvalue, value)):
+        new, old = torch.as_tensor(new).float().cpu(), torch.as_tensor(old).float().cpu()
+        error = (new - old).abs()
+        if (error > tolerance * (1 + old.abs())).any():
+            errors.append(f"{name} by up to {error.max().item():.3g}")
+    return " and ".join(errors)
+
+
+# bfloat16 keeps 8 bits of mantissa: the same trunk over another batch size (another kernel) may round its features
+# otherwise, moving a log-probability or value by up to a few 1e-2 (tests: bf16 stays within 0.05 of float32).
+BF16_ROLLOUT_TOLERANCE = 0.05
+
+
+def check_rollout(newlogprob, logprob, newvalue, value, iteration: int, tolerance: float = ROLLOUT_TOLERANCE) -> None:
+    """The guard of every update: before its first optimizer step, the network must give the rollout's stored
+    log-probabilities and values back (a probability ratio of 1). Raises UserError naming what diverged."""
+    mismatch = rollout_mismatch(newlogprob, logprob, newvalue, value, tolerance)
+    if mismatch:
+        raise UserError(
+            f"iteration {iteration}: the network's {mismatch} differ from the rollout's before any update, so the "
+            "rollout sampled from another policy than the one trained; the rollout and the update must compute the "
+            "same network on the same observations (a random layer such as Dropout breaks that)"
+        )
+
+
+def torch_policy(agent: Agent, device: torch.device):
+    """The rollout's sampling by the torch network itself: obs -> (action, logprob, value), NumPy in and out."""
+
+    def policy(obs):
+        with torch.no_grad():
+            action, logprob, _, value = agent.get_action_and_value(torch.from_numpy(obs).to(device))
+        return action.cpu().numpy(), logprob.cpu().numpy(), value.cpu().numpy()
+
+    return policy
 
 
 def compute_gae(rewards, values, terminations, truncations, resets, next_value, gamma, gae_lambda):
@@ -287,7 +324,7 @@ def evaluate(agent: Agent, envs, num_episodes: int, video_folder: str | None = N
     """Real scores of num_episodes games played with the greedy policy (the most likely action); with video_folder,
     one video of each game there, as the emulator's full-colour screen."""
     next_obs, _ = envs.reset()
-    games, returns, video = EpisodeTracker(envs.num_envs), [], None
+    games, returns, video, device = EpisodeTracker(envs.num_envs), [], None, next(agent.parameters()).device
     while len(returns) < num_episodes:
         if video_folder and video is None and not games.reset.any():  # a game begins (not its reset step)
             import imageio  # (installed with moviepy) streams the video: a long game does not pile up in memory
@@ -297,9 +334,9 @@ def evaluate(agent: Agent, envs, num_episodes: int, video_folder: str | None = N
             # 60 frames per second, frame_skip of them per step: the video plays at the game's speed
             video = imageio.get_writer(path, fps=60 / envs.spec.config.frame_skip, macro_block_size=1)
             video.append_data(envs.render()[0])
-        with torch.inference_mode():
-            action, *_ = agent.get_action_and_value(torch.from_numpy(next_obs), greedy=True)
-        next_obs, _, _, truncated, info = envs.step(action.numpy())
+        with torch.no_grad():
+            action = agent.get_action_and_value(torch.from_numpy(next_obs).to(device), greedy=True)[0].cpu().numpy()
+        next_obs, _, _, truncated, info = envs.step(action)
         ended = track_games(games, info, truncated)
         if video:
             video.append_data(envs.render()[0])
@@ -368,13 +405,15 @@ def main(args: Args) -> None:
         elif checkpoint["args"]["env_id"] != args.env_id:
             raise UserError(f"--resume: the checkpoint trained with --env-id {checkpoint['args']['env_id']}; pass that")
     check_atari_id(args.env_id)
+    device = choose_device(args.cuda)
     # The Nature CNN runs on every core (torch's default): unlike ppo.py's small MLP, convolutions parallelise well.
-    # bfloat16 only where oneDNN supports it (AVX-512, AMX): elsewhere it would be emulated, slower than float32.
-    bf16 = args.bf16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    # bfloat16 on a CPU only where oneDNN supports it (AVX-512, AMX): elsewhere it would be emulated, slower.
+    bf16 = args.bf16 and (device.type == "cuda" or torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    tolerance = BF16_ROLLOUT_TOLERANCE if bf16 else ROLLOUT_TOLERANCE
 
     if args.eval_checkpoint:
         envs = make_envs(args.env_id, 1, args.seed)
-        agent = Agent(envs.single_observation_space, envs.single_action_space, bf16)
+        agent = Agent(envs.single_observation_space, envs.single_action_space, bf16).to(device)
         envs.close()
         load_agent(agent, checkpoint, "--eval-checkpoint")
         video_folder = os.path.join(os.path.dirname(args.eval_checkpoint), "videos") if args.capture_video else None
@@ -394,10 +433,10 @@ def main(args: Args) -> None:
     torch.manual_seed(seed)
 
     envs = make_envs(args.env_id, args.num_envs, seed)
-    agent = Agent(envs.single_observation_space, envs.single_action_space, bf16)
-    flat_params = flatten_parameters(agent)
-    # Fused Adam: a third of the time of the default implementation on the CPU.
-    optimizer = torch.optim.Adam([flat_params], lr=args.learning_rate, eps=1e-5, fused=True)
+    agent = Agent(envs.single_observation_space, envs.single_action_space, bf16).to(device)
+    policy = torch_policy(agent, device)
+    # Fused Adam: one kernel for every parameter, a third of the time of the default implementation on the CPU.
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
     if checkpoint:
         load_agent(agent, checkpoint, "--resume")
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -445,15 +484,14 @@ def main(args: Args) -> None:
     for iteration in range(start_iteration, num_iterations + 1):
         if args.anneal_lr:
             frac = 1.0 - (iteration - 1.0) / num_iterations
-            optimizer.param_groups[0]["lr"] = frac * args.learning_rate
+            for group in optimizer.param_groups:  # each group from its own initial lr, as torch's schedulers
+                group["lr"] = frac * group.setdefault("initial_lr", group["lr"])
 
         for step in range(args.num_steps):
             global_step += args.num_envs
             obs[step] = next_obs.transpose(0, 2, 3, 1)
             resets[step] = lives.reset
-            with torch.inference_mode():
-                action, logprob, _, value = agent.get_action_and_value(torch.from_numpy(obs[step]).permute(0, 3, 1, 2))
-            actions[step], logprobs[step], values[step] = action.numpy(), logprob.numpy(), value.numpy()
+            actions[step], logprobs[step], values[step] = policy(obs[step].transpose(0, 3, 1, 2))
 
             next_obs, rewards[step], terminations[step], truncations[step], info = envs.step(actions[step])
             lives.step(rewards[step], terminations[step], truncations[step])
@@ -462,23 +500,26 @@ def main(args: Args) -> None:
                 writer.add_scalar("charts/episodic_return", episode_return, global_step)
                 writer.add_scalar("charts/episodic_length", episode_length, global_step)
 
-        with torch.inference_mode():
-            next_value = agent.get_value(torch.from_numpy(next_obs)).numpy()
+        with torch.no_grad():
+            next_value = agent.get_value(torch.from_numpy(next_obs).to(device)).cpu().numpy()
         advantages, returns = compute_gae(
             rewards, values, terminations, truncations, resets, next_value, args.gamma, args.gae_lambda
         )
 
         # Train only on real transitions: the reset steps of next-step autoreset are left out of the batch.
         transition = ~resets.reshape(-1)
-        b_obs = torch.from_numpy(obs.reshape(-1, height, width, stack)[transition]).permute(0, 3, 1, 2)
+        b_obs = torch.from_numpy(obs.reshape(-1, height, width, stack)[transition]).to(device).permute(0, 3, 1, 2)
         b_actions, b_logprobs, b_advantages, b_returns, b_values = (
-            torch.from_numpy(x.reshape(-1)[transition]) for x in (actions, logprobs, advantages, returns, values)
+            torch.from_numpy(x.reshape(-1)[transition]).to(device)
+            for x in (actions, logprobs, advantages, returns, values)
         )
 
-        stats, num_updates = torch.zeros(6), 0
+        stats, num_updates = torch.zeros(6, device=device), 0
         for epoch in range(args.update_epochs):
-            for mb_inds in torch.randperm(len(b_obs)).tensor_split(args.num_minibatches):
+            for mb_inds in torch.randperm(len(b_obs), device=device).tensor_split(args.num_minibatches):
                 _, newlogprob, entropy, newvalue = agent.get_action_and_value(b_obs[mb_inds], b_actions[mb_inds])
+                if num_updates == 0:  # nothing has moved the network since the rollout: it must give the same numbers
+                    check_rollout(newlogprob, b_logprobs[mb_inds], newvalue, b_values[mb_inds], iteration, tolerance)
                 logratio = newlogprob - b_logprobs[mb_inds]
                 ratio = logratio.exp()
 
@@ -511,9 +552,9 @@ def main(args: Args) -> None:
                 entropy_loss = entropy.mean()
                 loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
 
-                optimizer.zero_grad(set_to_none=False)
+                optimizer.zero_grad()
                 loss.backward()
-                nn.utils.clip_grad_norm_(flat_params, args.max_grad_norm)
+                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
                 optimizer.step()
                 stats += torch.stack([pg_loss, v_loss, entropy_loss, old_approx_kl, approx_kl, clipfrac]).detach()
                 num_updates += 1
@@ -523,7 +564,7 @@ def main(args: Args) -> None:
 
         # Losses are averaged over every minibatch of the iteration, not taken from the last one.
         stats = (stats / num_updates).tolist()
-        y_pred, y_true = b_values.numpy(), b_returns.numpy()
+        y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
         var_y = np.var(y_true)
         explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
         sps = (global_step - start_step) / (time.time() - start_time)

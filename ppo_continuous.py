@@ -327,10 +327,10 @@ def rollout_mismatch(newlogprob, logprob, newvalue, value, tolerance: float = RO
     return " and ".join(errors)
 
 
-def check_rollout(newlogprob, logprob, newvalue, value, iteration: int) -> None:
+def check_rollout(newlogprob, logprob, newvalue, value, iteration: int, tolerance: float = ROLLOUT_TOLERANCE) -> None:
     """The guard of every update: before its first optimizer step, the network must give the rollout's stored
     log-probabilities and values back (a probability ratio of 1). Raises UserError naming what diverged."""
-    mismatch = rollout_mismatch(newlogprob, logprob, newvalue, value)
+    mismatch = rollout_mismatch(newlogprob, logprob, newvalue, value, tolerance)
     if mismatch:
         raise UserError(
             f"iteration {iteration}: the network's {mismatch} differ from the rollout's before any update, so the "

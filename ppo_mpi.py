@@ -400,10 +400,10 @@ def rollout_mismatch(newlogprob, logprob, newvalue, value, tolerance: float = RO
     return " and ".join(errors)
 
 
-def check_rollout(newlogprob, logprob, newvalue, value, iteration: int) -> None:
+def check_rollout(newlogprob, logprob, newvalue, value, iteration: int, tolerance: float = ROLLOUT_TOLERANCE) -> None:
     """The guard of every update: before its first optimizer step, the network must give the rollout's stored
     log-probabilities and values back (a probability ratio of 1). Raises UserError naming what diverged."""
-    mismatch = rollout_mismatch(newlogprob, logprob, newvalue, value)
+    mismatch = rollout_mismatch(newlogprob, logprob, newvalue, value, tolerance)
     if mismatch:
         raise UserError(
             f"iteration {iteration}: the network's {mismatch} differ from the rollout's before any update, so the "
@@ -789,7 +789,7 @@ def main(args: Args, comm: MPI.Comm) -> None:
         return
 
     # Every rank starts from rank 0's network (or the checkpoint's, the same everywhere).
-    params = nn.utils.parameters_to_vector(agent.parameters()).cpu().numpy()
+    params = nn.utils.parameters_to_vector(agent.parameters()).detach().cpu().numpy()
     comm.Bcast(params, root=0)
     nn.utils.vector_to_parameters(torch.from_numpy(params).to(device), agent.parameters())
     # Fused Adam: one kernel for every parameter, a third of the time of the default implementation on the CPU.
@@ -1000,7 +1000,7 @@ def main(args: Args, comm: MPI.Comm) -> None:
 
     envs.close()
     # The ranks stay in step only while every Allreduce gives every rank the same numbers: check that they did.
-    state = [p.detach().cpu().numpy() for p in agent.parameters()]
+    state = [nn.utils.parameters_to_vector(agent.parameters()).detach().cpu().numpy()]
     state += [v.cpu().numpy() for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
     state += [obs_norm.mean, obs_norm.var, return_scaler.var] if normalize else []
     differing = differing_ranks(comm, state)
