@@ -44,6 +44,11 @@ class Args:
     """the name of this experiment, part of the run folder's name"""
     seed: int = 1
     """seed of random, numpy, torch and the environments"""
+    cuda: bool = False
+    """if toggled, the network trains on the GPU (CUDA) where there is one; pass it for images (a CNN trains faster
+    there), not for vector observations (a small MLP and LSTM train faster on the CPU)"""
+    cuda: bool = False
+    """if toggled, the network trains on the GPU (CUDA) where there is one; a 64x64 MLP trains faster on the CPU"""
     track: bool = False
     """if toggled, log the run to Weights and Biases as well"""
     wandb_project_name: str = "ppo"
@@ -264,6 +269,12 @@ def is_image(space: gym.Space) -> bool:
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
+def choose_device(cuda: bool) -> torch.device:
+    if cuda and not torch.cuda.is_available():
+        print("note: --cuda: torch sees no CUDA device here; running on the CPU")
+    return torch.device("cuda" if cuda and torch.cuda.is_available() else "cpu")
+
+
 def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
     torch.nn.init.orthogonal_(layer.weight, std)
     torch.nn.init.constant_(layer.bias, bias_const)
@@ -351,7 +362,8 @@ class Agent(nn.Module):
     def initial_state(self, num_envs: int) -> tuple:
         """The LSTM state (h, c) of num_envs envs before their first step: zeros, [layers, envs, hidden size]."""
         shape = (self.lstm.num_layers, num_envs, self.lstm.hidden_size)
-        return torch.zeros(shape), torch.zeros(shape)
+        device = self.critic.weight.device
+        return torch.zeros(shape, device=device), torch.zeros(shape, device=device)
 
     def encode(self, x):
         if not self.dict_obs:
@@ -369,12 +381,8 @@ class Agent(nn.Module):
             if starts.any():  # an episode begins: its env's state restarts from zeros
                 keep = (~starts).view(1, -1, 1).float()
                 h, c = h * keep, c * keep
-            # The LSTM's cells, layer by layer: 2x faster than a call of the whole nn.LSTM for a single step.
-            hidden, states = features, []
-            for h_layer, c_layer, weights in zip(h, c, self.lstm.all_weights):
-                states.append(torch.lstm_cell(hidden, (h_layer, c_layer), *weights))
-                hidden = states[-1][0]
-            return hidden, tuple(torch.stack(s) for s in zip(*states))
+            hidden, lstm_state = self.lstm(features.unsqueeze(0), (h, c))
+            return hidden[0], lstm_state
         # Whole sequences (the update): each env's sequence is cut at its episode starts into segments, which are
         # padded into one batch for a single LSTM call. The LSTM is causal, so padding at the end changes nothing.
         pad_inds, unpad, seg_env, resume = map(torch.from_numpy, sequence_segments(starts.view(-1, h.shape[1]).numpy()))
@@ -410,78 +418,37 @@ class Agent(nn.Module):
         entropy = -(logp.exp() * logp).sum((-2, -1))
         return action, logprob, entropy, value, lstm_state
 
-    def rollout_policy(self, rng: np.random.Generator):
-        """The sampling policy of the rollout: (obs, state, starts) -> (action, logprob, value, state after the step),
-        all NumPy, the state (h, c) stacked [2, layers, envs, hidden]. For vector observations it runs in NumPy over
-        views of the parameters' memory (no copy: it follows every optimizer step), ppo.py's numpy_policy with the
-        LSTM's cells: one env's step takes ~60 us here against 160-220 us in torch, where each of ~60 small ops
-        pays its dispatch (README, Speed). A CNN stays in torch, where its maths outweighs the dispatch."""
-        if any(encoder.image for encoder in self.encoders):
 
-            def torch_policy(obs, state, starts):
-                with torch.inference_mode():
-                    action, logprob, _, value, state = self.get_action_and_value(
-                        torch.from_numpy(obs), torch.from_numpy(state), torch.from_numpy(starts)
-                    )
-                return action.numpy(), logprob.numpy(), value.numpy(), torch.stack(state).numpy()
+def torch_policy(agent: Agent, device: torch.device):
+    """The rollout's sampling by the torch network itself: (obs, state, starts) -> (action, logprob, value, state
+    after the step), NumPy in and out, as numpy_policy."""
 
-            return torch_policy
+    def policy(obs, state, starts):
+        with torch.no_grad():
+            action, logprob, _, value, state = agent.get_action_and_value(
+                *(torch.from_numpy(x).to(device) for x in (obs, state, starts))
+            )
+        return action.cpu().numpy(), logprob.cpu().numpy(), value.cpu().numpy(), torch.stack(state).cpu().numpy()
 
-        def linear(m):  # (weight transposed, bias), as views
-            return m.weight.detach().numpy().T, m.bias.detach().numpy()
+    return policy
 
-        def forward(layers, x):  # as ppo.py's
-            for layer in layers:
-                if isinstance(layer, tuple):
-                    x = x @ layer[0] + layer[1]
-                elif isinstance(layer, nn.Tanh):
-                    x = np.tanh(x)
-                else:
-                    raise NotImplementedError(f"rollout_policy: add {layer} to forward() to use it in the network")
-            return x
 
-        encoders = [[linear(m) if isinstance(m, nn.Linear) else m for m in e.net] for e in self.encoders]
-        onehots = [np.eye(e.onehot, dtype=np.float32) if e.onehot else None for e in self.encoders]
-        cells = [[w.detach().numpy().T for w in weights] for weights in self.lstm.all_weights]  # w_ih, w_hh, b_ih, b_hh
-        actor, critic = linear(self.actor), linear(self.critic)
-        split, size = np.cumsum(self.obs_sizes)[:-1], self.lstm.hidden_size
-        if self.continuous:
-            logstd = self.actor_logstd.detach().numpy()
-        else:
-            padding = None if self.logit_padding is None else self.logit_padding.numpy()
-            categories = np.arange(self.logits_shape[1])  # for the sampled action's log-probability
-
-        def policy(obs, state, starts):
-            parts = []
-            for x, layers, onehot in zip(np.split(obs, split, axis=1) if self.dict_obs else [obs], encoders, onehots):
-                x = onehot[x.reshape(len(x)).astype(np.int64)] if onehot is not None else x.reshape(len(x), -1)
-                parts.append(forward(layers, x))
-            x = np.concatenate(parts, 1) if len(parts) > 1 else parts[0]
-            state = state * ~starts[:, None] if starts.any() else state  # an episode begins: its env's state restarts
-            new_state = np.empty_like(state)
-            for layer, (w_ih, w_hh, b_ih, b_hh) in enumerate(cells):
-                h, c = state[:, layer]
-                gates = x @ w_ih + h @ w_hh + (b_ih + b_hh)  # input, forget, cell and output gates, torch's order
-                sigmoid = 1 / (1 + np.exp(-gates))
-                c = sigmoid[:, size : 2 * size] * c + sigmoid[:, :size] * np.tanh(gates[:, 2 * size : 3 * size])
-                x = sigmoid[:, 3 * size :] * np.tanh(c)
-                new_state[0, layer], new_state[1, layer] = x, c
-            value = (x @ critic[0] + critic[1])[:, 0]
-            if self.continuous:
-                mean = x @ actor[0] + actor[1]
-                noise = rng.standard_normal(mean.shape, dtype=np.float32)
-                logprob = (-0.5 * noise**2 - logstd - HALF_LOG_2PI).sum(-1)
-                return mean + np.exp(logstd) * noise, logprob, value, new_state
-            logits = (x @ actor[0] + actor[1]).reshape(len(x), *self.logits_shape)
-            if padding is not None:
-                logits = logits + padding
-            logits = logits - logits.max(-1, keepdims=True)
-            logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-            action = (logp - np.log(rng.standard_exponential(logp.shape, dtype=np.float32))).argmax(-1)
-            logprob = (logp * (categories == action[..., None])).sum((-2, -1))
-            return action, logprob, value, new_state
-
-        return policy
+def rollout_policy(agent: Agent, rng: np.random.Generator, device: torch.device, probe: tuple):
+    """The policy the rollout samples from: numpy_policy on the CPU where it reproduces get_action_and_value on the
+    probe (observations, LSTM states, starts), else the torch network itself."""
+    policy = numpy_policy(agent, rng) if device.type == "cpu" else None
+    if policy is not None:
+        try:
+            action, logprob, value, _ = policy(*probe)
+            with torch.no_grad():
+                _, newlogprob, _, newvalue, _ = agent.get_action_and_value(*map(torch.from_numpy, (*probe, action)))
+            mismatch = rollout_mismatch(newlogprob, logprob, newvalue, value)
+        except Exception as e:  # an edited network the mirror cannot even run, e.g. other input sizes
+            mismatch = f"it fails with {type(e).__name__}"
+        if mismatch:
+            print(f"note: the NumPy rollout cannot follow this Agent ({mismatch}): the rollout runs the torch network")
+            policy = None
+    return policy or torch_policy(agent, device)
 
 
 def sequence_segments(starts: np.ndarray) -> tuple:
@@ -508,20 +475,110 @@ def sequence_segments(starts: np.ndarray) -> tuple:
     return pad_inds, unpad, seg_env, (first % num_steps == 0) & ~starts[0, seg_env]
 
 
-def flatten_parameters(module: nn.Module) -> nn.Parameter:
-    """Move all of module's parameters into one flat Parameter, and their gradients into its .grad: each parameter
-    and its .grad become views of these. The optimizer and gradient clipping then make one call instead of one per
-    tensor; on the CPU that per-tensor overhead outweighs their maths for a small MLP (update 13% faster). Zero the
-    gradient in place (`zero_grad(set_to_none=False)`): setting it to None would cut the views loose."""
-    params = list(module.parameters())
-    flat = nn.Parameter(torch.cat([p.detach().reshape(-1) for p in params]))
-    flat.grad = torch.zeros_like(flat)
-    offset = 0
-    for p in params:
-        p.data = flat.data[offset : offset + p.numel()].view_as(p)
-        p.grad = flat.grad[offset : offset + p.numel()].view_as(p)
-        offset += p.numel()
-    return flat
+def numpy_module(module: nn.Module):
+    """module as a NumPy function over views of its parameters' memory, so that it follows every in-place optimizer
+    step; None where it holds a layer this mirror does not know (the rollout then runs the torch network)."""
+    if isinstance(module, nn.Sequential):
+        layers = [numpy_module(layer) for layer in module]
+        if None in layers:
+            return None
+
+        def sequential(x):
+            for layer in layers:
+                x = layer(x)
+            return x
+
+        return sequential
+    param = {name: p.detach().numpy() for name, p in module.named_parameters(recurse=False)}
+    if isinstance(module, nn.Linear):
+        weight, bias = param["weight"].T, param.get("bias", 0)
+        return lambda x: x @ weight + bias
+    if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1:
+        weight, bias, eps = param.get("weight", 1), param.get("bias", 0), module.eps
+        return lambda x: (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + eps) * weight + bias
+    return {nn.Tanh: np.tanh, nn.ReLU: lambda x: np.maximum(x, 0), nn.Identity: lambda x: x}.get(type(module))
+
+
+def numpy_policy(agent: Agent, rng: np.random.Generator):
+    """The rollout's sampling written in NumPy, derived from the agent's encoders, LSTM and heads: at a few envs a
+    torch step is dozens of small ops, each paying its dispatch, and this runs faster per env step. (obs, state,
+    starts) -> (action, logprob, value, state after the step), the state (h, c) stacked [2, layers, envs, hidden];
+    None for images (a CNN's maths outweighs the dispatch) or where a module is one this mirror does not know."""
+    lstm, image = agent.lstm, any(encoder.image for encoder in agent.encoders)
+    if image or type(lstm) is not nn.LSTM or lstm.proj_size or not lstm.bias or lstm.bidirectional:
+        return None
+    encoders = [numpy_module(encoder.net) for encoder in agent.encoders]
+    actor, critic = numpy_module(agent.actor), numpy_module(agent.critic)
+    if None in (*encoders, actor, critic):
+        return None
+    onehots = [np.eye(encoder.onehot, dtype=np.float32) if encoder.onehot else None for encoder in agent.encoders]
+    cells = [[w.detach().numpy().T for w in weights] for weights in lstm.all_weights]  # w_ih, w_hh, b_ih, b_hh
+    split, size = np.cumsum(agent.obs_sizes)[:-1], lstm.hidden_size
+    if agent.continuous:
+        logstd = agent.actor_logstd.detach().numpy()
+    else:
+        padding = None if agent.logit_padding is None else agent.logit_padding.numpy()
+        categories = np.arange(agent.logits_shape[1])  # for the sampled action's log-probability
+
+    def policy(obs, state, starts):
+        parts = []
+        for x, encoder, onehot in zip(np.split(obs, split, axis=1) if agent.dict_obs else [obs], encoders, onehots):
+            x = onehot[x.reshape(len(x)).astype(np.int64)] if onehot is not None else x.reshape(len(x), -1)
+            parts.append(encoder(x))
+        x = np.concatenate(parts, 1) if len(parts) > 1 else parts[0]
+        state = state * ~starts[:, None] if starts.any() else state  # an episode begins: its env's state restarts
+        new_state = np.empty_like(state)
+        for layer, (w_ih, w_hh, b_ih, b_hh) in enumerate(cells):
+            h, c = state[:, layer]
+            gates = x @ w_ih + h @ w_hh + (b_ih + b_hh)  # input, forget, cell and output gates, torch's order
+            sigmoid = 1 / (1 + np.exp(-gates))
+            c = sigmoid[:, size : 2 * size] * c + sigmoid[:, :size] * np.tanh(gates[:, 2 * size : 3 * size])
+            x = sigmoid[:, 3 * size :] * np.tanh(c)
+            new_state[0, layer], new_state[1, layer] = x, c
+        value = critic(x)[:, 0]
+        if agent.continuous:
+            noise = rng.standard_normal((len(x), logstd.shape[-1]), dtype=np.float32)
+            logprob = (-0.5 * np.square(noise) - logstd - HALF_LOG_2PI).sum(-1)
+            return actor(x) + np.exp(logstd) * noise, logprob, value, new_state
+        logits = actor(x).reshape(len(x), *agent.logits_shape)
+        if padding is not None:
+            logits = logits + padding
+        logits = logits - logits.max(-1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        action = (logp - np.log(rng.standard_exponential(logp.shape, dtype=np.float32))).argmax(-1)
+        logprob = (logp * (categories == action[..., None])).sum((-2, -1))
+        return action, logprob, value, new_state
+
+    return policy
+
+
+# Float32 rounding in another order (NumPy, another batch size) moves a log-probability or a value by about 1e-6 of
+# its size; two different networks, or one before and after an optimizer step, differ by far more.
+ROLLOUT_TOLERANCE = 1e-4
+
+
+def rollout_mismatch(newlogprob, logprob, newvalue, value, tolerance: float = ROLLOUT_TOLERANCE) -> str:
+    """What differs between the log-probabilities and values the rollout stored and the network's on the same
+    observations and actions ("" if nothing does beyond float rounding)."""
+    errors = []
+    for name, new, old in (("log-probabilities", newlogprob, logprob), ("values", newvalue, value)):
+        new, old = torch.as_tensor(new).float().cpu(), torch.as_tensor(old).float().cpu()
+        error = (new - old).abs()
+        if (error > tolerance * (1 + old.abs())).any():
+            errors.append(f"{name} by up to {error.max().item():.3g}")
+    return " and ".join(errors)
+
+
+def check_rollout(newlogprob, logprob, newvalue, value, iteration: int, tolerance: float = ROLLOUT_TOLERANCE) -> None:
+    """The guard of every update: before its first optimizer step, the network must give the rollout's stored
+    log-probabilities and values back (a probability ratio of 1). Raises UserError naming what diverged."""
+    mismatch = rollout_mismatch(newlogprob, logprob, newvalue, value, tolerance)
+    if mismatch:
+        raise UserError(
+            f"iteration {iteration}: the network's {mismatch} differ from the rollout's before any update, so the "
+            "rollout sampled from another policy than the one trained; the rollout and the update must compute the "
+            "same network on the same observations (a random layer such as Dropout breaks that)"
+        )
 
 
 def compute_gae(rewards, values, terminations, truncations, resets, next_value, gamma, gae_lambda):
@@ -661,13 +718,14 @@ def evaluate(agent: Agent, prepare: ObsPreparer, envs, num_episodes: int, seed: 
     next_obs = prepare(envs.reset(seed=seed)[0], update=False)
     lstm_state, start = agent.initial_state(envs.num_envs), np.zeros(envs.num_envs, dtype=bool)
     tracker, games, returns = EpisodeTracker(envs.num_envs), EpisodeTracker(envs.num_envs), []
+    device = next(agent.parameters()).device
     while len(returns) < num_episodes:
-        with torch.inference_mode():
+        with torch.no_grad():
             action, *_, lstm_state = agent.get_action_and_value(
-                torch.from_numpy(next_obs), lstm_state, torch.from_numpy(start), greedy=True
+                torch.from_numpy(next_obs).to(device), lstm_state, torch.from_numpy(start).to(device), greedy=True
             )
         start = tracker.reset  # after a reset step comes an episode's first step
-        action = to_env_action(action.numpy(), envs.single_action_space)
+        action = to_env_action(action.cpu().numpy(), envs.single_action_space)
         next_obs, reward, terminated, truncated, info = envs.step(action)
         next_obs = prepare(next_obs, update=False)
         ended = tracker.step(reward, terminated, truncated)
@@ -746,6 +804,7 @@ def main(args: Args) -> None:
         os.environ.setdefault("MUJOCO_GL", "egl")  # MuJoCo renders through a window (GLFW) by default: none here
     # One torch thread: at a small MLP's and LSTM's sizes a second thread's synchronisation costs more than it brings
     # (and makes a run ten times slower when another process holds a core). A CNN is the exception (below).
+    device = choose_device(args.cuda)
     cores = torch.get_num_threads()
     torch.set_num_threads(1)
 
@@ -753,7 +812,7 @@ def main(args: Args) -> None:
         envs = make_envs(args.env_id, 1, args.seed, backend)
         agent = Agent(
             envs.single_observation_space, envs.single_action_space, args.lstm_hidden_size, args.lstm_num_layers
-        )
+        ).to(device)
         prepare = ObsPreparer(envs.single_observation_space, args)
         envs.close()
         load_agent(agent, checkpoint, "--eval-checkpoint")
@@ -777,14 +836,13 @@ def main(args: Args) -> None:
 
     envs = make_envs(args.env_id, args.num_envs, seed, backend)
     agent = Agent(envs.single_observation_space, envs.single_action_space, args.lstm_hidden_size, args.lstm_num_layers)
+    agent = agent.to(device)
     prepare = ObsPreparer(envs.single_observation_space, args)
     return_scaler = ReturnScaler(args.num_envs, args.gamma) if args.norm_reward else None
     if any(encoder.image for encoder in agent.encoders):
         torch.set_num_threads(cores)  # convolutions use every core well: Breakout 1.5x faster on 2 cores
-    flat_params = flatten_parameters(agent)
-    policy = agent.rollout_policy(np.random.default_rng(seed))
-    # Fused Adam: a third of the time of the default implementation on the CPU.
-    optimizer = torch.optim.Adam([flat_params], lr=args.learning_rate, eps=1e-5, fused=True)
+    # Fused Adam: one kernel for every parameter, a third of the time of the default implementation on the CPU.
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
     if checkpoint:
         load_agent(agent, checkpoint, "--resume")
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -831,12 +889,18 @@ def main(args: Args) -> None:
     # The LSTM state (h, c) before each step, [num_steps, 2, layers, num_envs, hidden]: the training pass replays
     # sequences of --seq-len steps, each from the state stored at its first step. Sequence i covers steps
     # seq_t0[i] .. seq_t0[i] + seq_len - 1 of env seq_env[i].
-    lstm_state = torch.stack(agent.initial_state(args.num_envs)).numpy()
+    lstm_state = torch.stack(agent.initial_state(args.num_envs)).cpu().numpy()
+    probe_space = gym.vector.utils.batch_space(envs.single_observation_space, 64)
+    probe_space.seed(seed)
+    rng = np.random.default_rng(seed)
+    probe_state = rng.standard_normal((2, agent.lstm.num_layers, 64, agent.lstm.hidden_size), dtype=np.float32)
+    probe = (prepare(probe_space.sample(), update=False), probe_state, rng.random(64) < 0.25)
+    policy = rollout_policy(agent, rng, device, probe)
     lstm_states = np.zeros((args.num_steps, *lstm_state.shape), dtype=np.float32)
     seq_len = args.seq_len or args.num_steps
     num_sequences = args.num_envs * (args.num_steps // seq_len)
-    seq_t0 = torch.arange(num_sequences).div(args.num_envs, rounding_mode="floor") * seq_len
-    seq_env = torch.arange(num_sequences) % args.num_envs
+    seq_t0 = torch.arange(num_sequences, device=device).div(args.num_envs, rounding_mode="floor") * seq_len
+    seq_env = torch.arange(num_sequences, device=device) % args.num_envs
 
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
     tracker, recent_returns = EpisodeTracker(args.num_envs), deque(maxlen=100)
@@ -848,7 +912,8 @@ def main(args: Args) -> None:
     for iteration in range(start_iteration, num_iterations + 1):
         if args.anneal_lr:
             frac = 1.0 - (iteration - 1.0) / num_iterations
-            optimizer.param_groups[0]["lr"] = frac * args.learning_rate
+            for group in optimizer.param_groups:  # each group from its own initial lr, as torch's schedulers
+                group["lr"] = frac * group.setdefault("initial_lr", group["lr"])
 
         for step in range(args.num_steps):
             global_step += args.num_envs
@@ -873,34 +938,38 @@ def main(args: Args) -> None:
                 writer.add_scalar("charts/episodic_return", episode_return, global_step)
                 writer.add_scalar("charts/episodic_length", episode_length, global_step)
 
-        with torch.inference_mode():
-            next_value = agent.get_value(
-                torch.from_numpy(next_obs), torch.from_numpy(lstm_state), torch.from_numpy(resets[-1])
-            ).numpy()
+        with torch.no_grad():
+            next_value = (
+                agent.get_value(*(torch.from_numpy(x).to(device) for x in (next_obs, lstm_state, resets[-1])))
+                .cpu()
+                .numpy()
+            )
         advantages, returns = compute_gae(
             rewards, values, terminations, truncations, resets, next_value, args.gamma, args.gae_lambda
         )
 
         # The batch keeps every step in time-major order [num_steps * num_envs], so that sequences replay; the
         # reset steps of next-step autoreset are replayed (the state runs through them) but never trained on.
-        b_obs = torch.from_numpy(obs.reshape(batch_size, *obs.shape[2:]))
-        b_actions = torch.from_numpy(actions.reshape(batch_size, -1))
+        b_obs = torch.from_numpy(obs.reshape(batch_size, *obs.shape[2:])).to(device)
+        b_actions = torch.from_numpy(actions.reshape(batch_size, -1)).to(device)
         b_logprobs, b_advantages, b_returns, b_values, b_starts, b_transition = (
-            torch.from_numpy(x.reshape(-1)) for x in (logprobs, advantages, returns, values, starts, ~resets)
+            torch.from_numpy(x.reshape(-1)).to(device) for x in (logprobs, advantages, returns, values, starts, ~resets)
         )
-        b_lstm_states = torch.from_numpy(lstm_states)
+        b_lstm_states = torch.from_numpy(lstm_states).to(device)
 
-        stats, num_updates = torch.zeros(6), 0
+        stats, num_updates = torch.zeros(6, device=device), 0
         for epoch in range(args.update_epochs):
-            for mb_seqs in torch.randperm(num_sequences).tensor_split(args.num_minibatches):
+            for mb_seqs in torch.randperm(num_sequences, device=device).tensor_split(args.num_minibatches):
                 t0, env = seq_t0[mb_seqs], seq_env[mb_seqs]
-                mb_inds = ((t0 + torch.arange(seq_len)[:, None]) * args.num_envs + env).reshape(-1)
+                mb_inds = ((t0 + torch.arange(seq_len, device=device)[:, None]) * args.num_envs + env).reshape(-1)
                 mb_state = b_lstm_states[t0, :, :, env].movedim(0, 2)  # [2, layers, sequences, hidden]
                 _, newlogprob, entropy, newvalue, _ = agent.get_action_and_value(
                     b_obs[mb_inds], mb_state, b_starts[mb_inds], b_actions[mb_inds]
                 )
                 keep = b_transition[mb_inds]
                 newlogprob, entropy, newvalue, mb_inds = newlogprob[keep], entropy[keep], newvalue[keep], mb_inds[keep]
+                if num_updates == 0:  # nothing has moved the network since the rollout: it must give the same numbers
+                    check_rollout(newlogprob, b_logprobs[mb_inds], newvalue, b_values[mb_inds], iteration)
                 logratio = newlogprob - b_logprobs[mb_inds]
                 ratio = logratio.exp()
 
@@ -933,9 +1002,9 @@ def main(args: Args) -> None:
                 entropy_loss = entropy.mean()
                 loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
 
-                optimizer.zero_grad(set_to_none=False)
+                optimizer.zero_grad()
                 loss.backward()
-                nn.utils.clip_grad_norm_(flat_params, args.max_grad_norm)
+                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
                 optimizer.step()
                 stats += torch.stack([pg_loss, v_loss, entropy_loss, old_approx_kl, approx_kl, clipfrac]).detach()
                 num_updates += 1
@@ -945,7 +1014,7 @@ def main(args: Args) -> None:
 
         # Losses are averaged over every minibatch of the iteration, not taken from the last one.
         stats = (stats / num_updates).tolist()
-        y_pred, y_true = b_values[b_transition].numpy(), b_returns[b_transition].numpy()
+        y_pred, y_true = b_values[b_transition].cpu().numpy(), b_returns[b_transition].cpu().numpy()
         var_y = np.var(y_true)
         explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
         sps = (global_step - start_step) / (time.time() - start_time)

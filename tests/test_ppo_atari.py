@@ -40,8 +40,9 @@ def test_frames_are_scaled_inside_the_network():
 
 
 def test_bf16_trunk_stays_close_and_replays_exactly():
-    """--bf16: the trunk in bfloat16, the heads in float32. The update recomputes the rollout's log-probabilities
-    exactly (a batch of 4 envs in the rollout, minibatches of 64 in the update), so the first ratio is 1."""
+    """--bf16: the trunk in bfloat16, the heads in float32. The update recomputes the rollout's log-probabilities (a
+    batch of 4 envs in the rollout, minibatches of 64 in the update) exactly on some CPUs and within bfloat16's
+    rounding on others (another kernel per batch size): well inside the guard's bf16 tolerance, so the ratio is 1."""
     space = gym.spaces.Box(0, 255, (4, 84, 84), np.uint8)
     torch.manual_seed(0)
     agent = ppo_atari.Agent(space, gym.spaces.Discrete(4), bf16=True)
@@ -53,7 +54,9 @@ def test_bf16_trunk_stays_close_and_replays_exactly():
     action, logprob = torch.cat([r[0] for r in rollout]), torch.cat([r[1] for r in rollout])
     _, newlogprob, entropy, value = agent.get_action_and_value(x, action)
     assert newlogprob.dtype == value.dtype == torch.float32 and logprob.std() > 0.1
-    assert torch.equal(newlogprob, logprob)
+    assert (newlogprob - logprob).abs().max() < ppo_atari.BF16_ROLLOUT_TOLERANCE / 10
+    value_rollout = torch.cat([r[3] for r in rollout])
+    assert not ppo_atari.rollout_mismatch(newlogprob, logprob, value, value_rollout, ppo_atari.BF16_ROLLOUT_TOLERANCE)
     agent.bf16 = False
     _, logprob32, _, value32 = agent.get_action_and_value(x, action)
     torch.testing.assert_close(newlogprob, logprob32, atol=0.05, rtol=0)
