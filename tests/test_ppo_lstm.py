@@ -85,7 +85,9 @@ def rollouts(agent, envs, num_steps, iterations, seed):
     )
     resets = np.zeros((num_steps, envs.num_envs), bool)
     starts = np.zeros_like(resets)
-    tracker, policy = ppo_lstm.EpisodeTracker(envs.num_envs), agent.rollout_policy(np.random.default_rng(seed))
+    rng, cpu = np.random.default_rng(seed), torch.device("cpu")
+    tracker = ppo_lstm.EpisodeTracker(envs.num_envs)
+    policy = ppo_lstm.numpy_policy(agent, rng) or ppo_lstm.torch_policy(agent, cpu)  # as main's rollout_policy
     lstm_state = torch.stack(agent.initial_state(envs.num_envs)).numpy()
     lstm_states = np.zeros((num_steps, *lstm_state.shape), dtype=np.float32)
     for _ in range(iterations):
@@ -164,7 +166,7 @@ def test_numpy_rollout_policy_matches_torch(obs_space, act_space):
     """The rollout's NumPy policy (vector observations) gives the log-probability, value and next LSTM state that the
     torch network gives for its sampled action, through two LSTM layers and an episode start."""
     agent = make_agent(obs_space, act_space)
-    policy = agent.rollout_policy(np.random.default_rng(0))
+    policy = ppo_lstm.numpy_policy(agent, np.random.default_rng(0))
     prepare = ppo_lstm.ObsPreparer(obs_space, ppo_lstm.Args())
     obs_space.seed(0)
     obs = prepare(gym.vector.utils.batch_space(obs_space, 8).sample())
