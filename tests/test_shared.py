@@ -26,6 +26,8 @@ SHARED = [
     "save_checkpoint",
     "load_checkpoint",
 ]
+# ppo_lstm.py's rollout policies carry the LSTM state in and out: their own copies, checked by its tests.
+DIFFERS_IN = {"torch_policy": ["ppo_lstm.py"], "rollout_policy": ["ppo_lstm.py"]}
 # Helpers that ppo.py does not need: their reference is the script that introduced them.
 SHARED_FROM = {
     "RunningMeanStd": "ppo_continuous.py",
@@ -65,7 +67,11 @@ def test_shared_helper_is_identical(name):
     origin = SHARED_FROM.get(name, "ppo.py")
     assert name in sources[origin], f"{origin}, the reference, no longer defines {name}"
     reference = sources[origin][name]
-    differing = [script for script, defs in sources.items() if name in defs and not same(defs[name], reference, name)]
+    differing = [
+        script
+        for script, defs in sources.items()
+        if name in defs and script not in DIFFERS_IN.get(name, []) and not same(defs[name], reference, name)
+    ]
     assert not differing, f"{name} differs from {origin}'s in {differing}: change them together"
 
 
