@@ -1,9 +1,6 @@
 """ppo_lstm.py: the sequence replay by hand, the rollout's log-probabilities replayed exactly, then the script as a user
 runs it (every observation and action space, MuJoCo, Atari, errors, seeding) and learning a task that needs memory."""
 
-import ast
-from pathlib import Path
-
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -11,7 +8,7 @@ import torch
 
 import ppo_lstm
 import tests.toy_envs  # noqa: F401  (registers the toy envs in this process too)
-from tests.conftest import REPO, only_run_dir, read_scalars, run_script
+from tests.conftest import only_run_dir, read_scalars, run_script
 
 # ---------------------------------------------------------------- sequence replay
 
@@ -260,23 +257,6 @@ def test_gaussian_head():
     assert abs((action - mean).std().item() - 1) < 0.05  # std 1 at the start
     clipped = ppo_lstm.to_env_action(action.numpy(), gym.spaces.Box(-2, 2, (2,)))
     assert clipped.min() == -2 and clipped.max() == 2  # the env gets the sample clipped to its bounds
-
-
-def test_normalisation_helpers_are_ppo_continuous_ones():
-    """Copies by design (ppo.py has none, so tests/test_shared.py does not cover them)."""
-    continuous = REPO / "ppo_continuous.py"
-    if not continuous.exists():
-        pytest.skip("ppo_continuous.py is not there")
-
-    def sources(path: Path) -> dict:
-        source = path.read_text()
-        return {
-            n.name: ast.get_source_segment(source, n) for n in ast.parse(source).body if isinstance(n, ast.ClassDef)
-        }
-
-    theirs, ours = sources(continuous), sources(REPO / "ppo_lstm.py")
-    for name in ("RunningMeanStd", "ObsNormalizer", "ReturnScaler"):
-        assert ours[name] == theirs[name], f"{name} differs from ppo_continuous.py's"
 
 
 # ---------------------------------------------------------------- the script, run as a user runs it

@@ -3,7 +3,6 @@ hand, its collective helpers and bit-identical ranks under `mpiexec -n 2` (tests
 as a user runs it on 2 ranks and on 1 (steps of all ranks, episodes of all ranks, a checkpoint of 2 ranks resumed on
 1, a Box task with its statistics, errors that end every rank, learning)."""
 
-import inspect
 import os
 import subprocess
 import sys
@@ -32,15 +31,6 @@ def mpirun(num_ranks: int, *args: str, cwd: Path, timeout: float = 120) -> subpr
     env |= {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     command = [str(MPIEXEC), "-launcher", "fork", "-n", str(num_ranks), sys.executable, *args]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-# ppo.py's helpers that test_shared.py does not list (validate_args differs: a batch is the steps of every rank)
-SHARED = ["make_envs", "velocity_mask", "load_agent"]
-
-
-@pytest.mark.parametrize("name", SHARED)
-def test_helpers_are_ppo_py_s(name):
-    assert inspect.getsource(getattr(pm, name)) == inspect.getsource(getattr(ppo, name))
 
 
 # ---------------------------------------------------------------- learning-rate schedules
