@@ -140,6 +140,18 @@ def env_name(env_id: str) -> str:
     return env_id.rpartition(":")[2].rpartition("/")[2].rsplit("-v", 1)[0]
 
 
+def check_numbers(args) -> None:
+    """The algorithm's numeric flags, each in its range (NaN and infinity refused), and an evaluation that plays."""
+    for flag in ("learning_rate", "clip_coef", "max_grad_norm", "ent_coef", "vf_coef", "target_kl"):
+        value, zero_ok = getattr(args, flag), flag in ("ent_coef", "vf_coef")
+        if value is not None and not ((0 <= value if zero_ok else 0 < value) and value < np.inf):  # NaN fails both
+            raise UserError(
+                f"--{flag.replace('_', '-')} {value} must be {'0 or a positive' if zero_ok else 'a positive'} number"
+            )
+    if args.eval_checkpoint and not args.eval_episodes:
+        raise UserError("--eval-checkpoint with --eval-episodes 0 evaluates nothing: pass --eval-episodes 1 or more")
+
+
 def validate_args(args: Args) -> None:
     positive = ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "lstm_hidden_size")
     for flag in (*positive, "lstm_num_layers"):
@@ -147,6 +159,7 @@ def validate_args(args: Args) -> None:
             raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be positive")
     if args.eval_episodes < 0 or args.save_interval < 0:
         raise UserError("--eval-episodes and --save-interval must be 0 or more")
+    check_numbers(args)
     batch_size = args.num_envs * args.num_steps
     seq_len = args.seq_len or args.num_steps
     if args.seq_len < 0 or args.num_steps % seq_len:

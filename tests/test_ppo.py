@@ -219,6 +219,23 @@ def test_guard_stops_when_the_rollout_sampled_from_another_policy():
         ppo.check_rollout(logprob, logprob, value + 0.5, value, iteration=3)
 
 
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"learning_rate": -1.0}, "--learning-rate -1.0 must be a positive number"),
+        ({"clip_coef": -0.1}, "--clip-coef -0.1 must be a positive number"),
+        ({"max_grad_norm": float("inf")}, "--max-grad-norm inf must be a positive number"),
+        ({"ent_coef": float("nan")}, "--ent-coef nan must be 0 or a positive number"),
+        ({"target_kl": 0.0}, "--target-kl 0.0 must be a positive number"),
+        ({"eval_checkpoint": "x.pt", "eval_episodes": 0}, "--eval-checkpoint with --eval-episodes 0 evaluates nothing"),
+    ],
+)
+def test_numeric_flags_are_checked_before_anything_runs(changes, message):
+    with pytest.raises(ppo.UserError, match=message):
+        ppo.validate_args(ppo.Args(**changes))
+    ppo.validate_args(ppo.Args(ent_coef=0.0, vf_coef=0.0, target_kl=0.01))  # the edges that are allowed
+
+
 def test_cuda_without_a_gpu_says_so_and_runs_on_the_cpu(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert ppo.choose_device(True).type == "cpu" and "no CUDA device" in capsys.readouterr().out

@@ -13,6 +13,7 @@ SHARED = [
     "VELOCITY_ENTRIES",
     "env_name",
     "validate_args",
+    "check_numbers",
     "gymnasium_has",
     "choose_backend",
     "make_envs",
