@@ -47,8 +47,6 @@ class Args:
     cuda: bool = False
     """if toggled, the network trains on the GPU (CUDA) where there is one; pass it for images (a CNN trains faster
     there), not for vector observations (a small MLP and LSTM train faster on the CPU)"""
-    cuda: bool = False
-    """if toggled, the network trains on the GPU (CUDA) where there is one; a 64x64 MLP trains faster on the CPU"""
     track: bool = False
     """if toggled, log the run to Weights and Biases as well"""
     wandb_project_name: str = "ppo"
