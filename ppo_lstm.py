@@ -333,7 +333,7 @@ class Encoder(nn.Module):
     def forward(self, x):
         if self.image:
             x = x.permute(0, 3, 1, 2) if self.hwc else x
-            # in channels-last memory, the layout that oneDNN's convolutions run fastest in (update 20% faster)
+            # in channels-last memory, the layout that oneDNN's convolutions run fastest in
             return self.net(x.contiguous(memory_format=torch.channels_last) / 255.0)
         return self.net(F.one_hot(x.long(), self.onehot).float() if self.onehot else x.flatten(1))
 
@@ -645,7 +645,7 @@ class RunningMeanStd:
     def update(self, x: np.ndarray) -> None:
         """Merge in a batch x of shape [n, *shape]; an empty batch changes nothing."""
         if len(x):
-            # the batch's mean and variance from sums: the numbers of x.mean(0) and x.var(0) in half their time
+            # the batch's mean and variance from sums: the numbers of x.mean(0) and x.var(0), in fewer passes
             batch_mean = x.sum(0) / len(x)
             self.merge(batch_mean, np.square(x - batch_mean).sum(0) / len(x), len(x))
 
@@ -814,7 +814,7 @@ def main(args: Args) -> None:
     if args.capture_video and sys.platform == "linux" and not os.environ.get("DISPLAY"):
         os.environ.setdefault("MUJOCO_GL", "egl")  # MuJoCo renders through a window (GLFW) by default: none here
     # One torch thread: at a small MLP's and LSTM's sizes a second thread's synchronisation costs more than it brings
-    # (and makes a run ten times slower when another process holds a core). A CNN is the exception (below).
+    # (and slows a run badly when another process holds a core). A CNN is the exception (below).
     device = choose_device(args.cuda)
     cores = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -851,8 +851,8 @@ def main(args: Args) -> None:
     prepare = ObsPreparer(envs.single_observation_space, args)
     return_scaler = ReturnScaler(args.num_envs, args.gamma) if args.norm_reward else None
     if any(encoder.image for encoder in agent.encoders):
-        torch.set_num_threads(cores)  # convolutions use every core well: Breakout 1.5x faster on 2 cores
-    # Fused Adam: one kernel for every parameter, a third of the time of the default implementation on the CPU.
+        torch.set_num_threads(cores)  # convolutions use every core well (README, ppo_lstm.py's speed)
+    # Fused Adam: one kernel for every parameter instead of a loop of small ones (README, Speed).
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
     if checkpoint:
         load_agent(agent, checkpoint, "--resume")
