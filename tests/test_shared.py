@@ -2,6 +2,8 @@
 text: comments and docstrings may fit their script (they are not compared)."""
 
 import ast
+import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -111,3 +113,19 @@ def test_no_script_imports_another():
             if isinstance(node, ast.Import | ast.ImportFrom):
                 names = [alias.name for alias in node.names] + [getattr(node, "module", None) or ""]
                 assert not any(n.startswith("ppo") for n in names), f"{path.name} imports another script"
+
+
+def test_readme_table_counts_the_lines_of_every_script():
+    """The README's table of scripts gives each one's line count and the lines `diff ppo.py X` marks changed."""
+    table = {
+        name: (int(lines), changed)
+        for name, lines, changed in re.findall(
+            r"^\| `(ppo\w*\.py)` \|[^|]*\| (\d+) \| ([\d-]+) \|", (REPO / "README.md").read_text(), re.M
+        )
+    }
+    assert sorted(table) == sorted(path.name for path in SCRIPTS), "the README's table lists every script"
+    for path in SCRIPTS:
+        lines = len(path.read_text().splitlines())
+        diff = subprocess.run(["diff", "ppo.py", path.name], cwd=REPO, capture_output=True, text=True).stdout
+        changed = "-" if path.name == "ppo.py" else str(sum(line[:1] in "<>" for line in diff.splitlines()))
+        assert table[path.name] == (lines, changed), f"README: {path.name} has {lines} lines, {changed} changed"
