@@ -14,7 +14,10 @@ Details: Huang et al. 2022, "The 37 Implementation Details of Proximal Policy Op
     python ppo_continuous.py --eval-checkpoint runs/RUN/checkpoint.pt --capture-video
 """
 
+import contextlib
 import importlib
+import io
+import itertools
 import math
 import os
 import random
@@ -552,6 +555,23 @@ def load_agent(agent: Agent, checkpoint: dict, flag: str) -> None:
         ) from None
 
 
+def parse_args() -> Args:
+    """The flags, by tyro. A value it cannot parse ends as every other mistake does: one line (tyro draws a box)."""
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            args = tyro.cli(Args)
+    except SystemExit as e:
+        if not e.code:  # --help
+            raise
+        box = [line.strip("│ ") for line in stderr.getvalue().splitlines()[1:]]
+        message = " ".join(itertools.takewhile(lambda line: line and not line.startswith("─"), box))
+        hint = [box[i + 1].split()[0] for i, line in enumerate(box[:-1]) if line == "Perhaps you meant:"]
+        raise UserError(message + (f" (did you mean {hint[0]}?)" if hint else "") + "; see --help") from None
+    sys.stderr.write(stderr.getvalue())
+    return args
+
+
 def main(args: Args) -> None:
     script = os.path.basename(__file__)
     validate_args(args)
@@ -795,7 +815,7 @@ def main(args: Args) -> None:
 
 if __name__ == "__main__":
     try:
-        main(tyro.cli(Args))
+        main(parse_args())
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

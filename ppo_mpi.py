@@ -23,6 +23,8 @@ Details: Huang et al. 2022, "The 37 Implementation Details of Proximal Policy Op
 import contextlib
 import hashlib
 import importlib
+import io
+import itertools
 import math
 import os
 import random
@@ -729,6 +731,23 @@ def load_agent(agent: Agent, checkpoint: dict, flag: str) -> None:
         ) from None
 
 
+def parse_args() -> Args:
+    """The flags, by tyro. A value it cannot parse ends as every other mistake does: one line (tyro draws a box)."""
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            args = tyro.cli(Args)
+    except SystemExit as e:
+        if not e.code:  # --help
+            raise
+        box = [line.strip("│ ") for line in stderr.getvalue().splitlines()[1:]]
+        message = " ".join(itertools.takewhile(lambda line: line and not line.startswith("─"), box))
+        hint = [box[i + 1].split()[0] for i, line in enumerate(box[:-1]) if line == "Perhaps you meant:"]
+        raise UserError(message + (f" (did you mean {hint[0]}?)" if hint else "") + "; see --help") from None
+    sys.stderr.write(stderr.getvalue())
+    return args
+
+
 def main(args: Args, comm: MPI.Comm) -> None:
     script = os.path.basename(__file__)
     rank, num_ranks = comm.rank, comm.size
@@ -1046,17 +1065,22 @@ def main(args: Args, comm: MPI.Comm) -> None:
         wandb.finish()
 
 
-def parse_args(comm: MPI.Comm) -> Args:
-    """Every rank parses the flags; only rank 0 prints --help or a bad flag's message, and every rank exits alike."""
-    if comm.rank == 0:
-        return tyro.cli(Args)
-    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), contextlib.redirect_stderr(devnull):
-        return tyro.cli(Args)
+def parse_args_on_ranks(comm: MPI.Comm) -> Args:
+    """Every rank parses the flags; only rank 0 prints --help or a bad flag's line, and every rank exits alike."""
+    with contextlib.ExitStack() as quiet:
+        if comm.rank > 0:
+            quiet.enter_context(contextlib.redirect_stdout(io.StringIO()))
+            quiet.enter_context(contextlib.redirect_stderr(io.StringIO()))
+        try:
+            return parse_args()
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
 
 
 if __name__ == "__main__":
     comm = MPI.COMM_WORLD
-    args = parse_args(comm)
+    args = parse_args_on_ranks(comm)
     try:
         main(args, comm)
     except (Exception, KeyboardInterrupt) as e:

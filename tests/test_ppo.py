@@ -2,6 +2,7 @@
 
 import os
 import pickle
+import sys
 
 import gymnasium as gym
 import numpy as np
@@ -234,6 +235,20 @@ def test_numeric_flags_are_checked_before_anything_runs(changes, message):
     with pytest.raises(ppo.UserError, match=message):
         ppo.validate_args(ppo.Args(**changes))
     ppo.validate_args(ppo.Args(ent_coef=0.0, vf_coef=0.0, target_kl=0.01))  # the edges that are allowed
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--num-envs", "abc"], "Error parsing --num-envs: invalid literal for int() with base 10: 'abc'; see --help"),
+        (["--nmu-envs", "3"], "Unrecognized options: --nmu-envs, 3 (did you mean --num-envs?); see --help"),
+    ],
+)
+def test_a_value_tyro_cannot_parse_is_one_line(argv, message, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["ppo.py", *argv])
+    with pytest.raises(ppo.UserError) as error:
+        ppo.parse_args()
+    assert str(error.value) == message
 
 
 def test_cuda_without_a_gpu_says_so_and_runs_on_the_cpu(capsys, monkeypatch):

@@ -16,6 +16,7 @@ SHARED = [
     "env_name",
     "validate_args",
     "check_numbers",
+    "parse_args",
     "gymnasium_has",
     "choose_backend",
     "make_envs",
