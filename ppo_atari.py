@@ -286,6 +286,21 @@ def torch_policy(agent: Agent, device: torch.device):
     return policy
 
 
+# The loss statistics of an iteration, in the order the update accumulates them (logged as losses/{key}).
+LOSS_KEYS = ("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac")
+
+
+def check_finite(iteration: int, **arrays) -> None:
+    """Stop at a NaN or an infinity, naming where it appeared. It is checked before the iteration's checkpoint is
+    written, so the last checkpoint on disk is the last good one."""
+    for name, x in arrays.items():
+        if not np.isfinite(x).all():
+            raise UserError(
+                f"iteration {iteration}: NaN or infinity in the {name.replace('_', ' ')}; stopped, the last checkpoint "
+                "written is the last good one"
+            )
+
+
 def compute_gae(rewards, values, terminations, truncations, resets, next_value, gamma, gae_lambda):
     """Generalised advantage estimation over a [num_steps, num_envs] rollout, under next-step autoreset.
 
@@ -535,6 +550,7 @@ def main(args: Args) -> None:
 
         with torch.no_grad():
             next_value = agent.get_value(torch.from_numpy(next_obs).to(device)).cpu().numpy()
+        check_finite(iteration, observations=obs, rewards=rewards)
         advantages, returns = compute_gae(
             rewards, values, terminations, truncations, resets, next_value, args.gamma, args.gae_lambda
         )
@@ -596,15 +612,14 @@ def main(args: Args) -> None:
                 break
 
         # Losses are averaged over every minibatch of the iteration, not taken from the last one.
-        stats = (stats / num_updates).tolist()
+        losses = dict(zip(LOSS_KEYS, (stats / num_updates).tolist()))
+        check_finite(iteration, **losses)
         y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
         var_y = np.var(y_true)
         explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
         sps = (global_step - start_step) / (time.time() - start_time)
         writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
-        for key, value in zip(
-            ("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac"), stats
-        ):
+        for key, value in losses.items():
             writer.add_scalar(f"losses/{key}", value, global_step)
         writer.add_scalar("losses/explained_variance", explained_var, global_step)
         writer.add_scalar("charts/SPS", int(sps), global_step)

@@ -456,6 +456,21 @@ def rollout_policy(agent: Agent, rng: np.random.Generator, device: torch.device,
     return policy or torch_policy(agent, device)
 
 
+# The loss statistics of an iteration, in the order the update accumulates them (logged as losses/{key}).
+LOSS_KEYS = ("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac")
+
+
+def check_finite(iteration: int, **arrays) -> None:
+    """Stop at a NaN or an infinity, naming where it appeared. It is checked before the iteration's checkpoint is
+    written, so the last checkpoint on disk is the last good one."""
+    for name, x in arrays.items():
+        if not np.isfinite(x).all():
+            raise UserError(
+                f"iteration {iteration}: NaN or infinity in the {name.replace('_', ' ')}; stopped, the last checkpoint "
+                "written is the last good one"
+            )
+
+
 def compute_gae(rewards, values, terminations, truncations, resets, next_value, gamma, gae_lambda):
     """Generalised advantage estimation over a [num_steps, num_envs] rollout, under next-step autoreset.
 
@@ -915,6 +930,7 @@ def main(args: Args, comm: MPI.Comm) -> None:
         if normalize:
             merge_across_ranks(comm, obs_norm, raw_obs.reshape(-1, *obs_shape))
             train_rewards = scale_rewards_across_ranks(comm, return_scaler, rewards, resets)
+        check_finite(iteration, observations=obs, rewards=rewards)
         advantages, returns = compute_gae(
             train_rewards, values, terminations, truncations, resets, next_value, args.gamma, args.gae_lambda
         )
@@ -980,6 +996,7 @@ def main(args: Args, comm: MPI.Comm) -> None:
 
         # Rank 0 gathers every rank's episodes, losses, values and returns of the iteration.
         rank_stats = [(stats / num_updates).cpu().numpy(), b_values.cpu().numpy(), b_returns.cpu().numpy()]
+        check_finite(iteration, **dict(zip(LOSS_KEYS, rank_stats[0])))
         gathered = comm.gather((episodes, *rank_stats), root=0)
         if rank == 0:
             # Each rank's episode ended at its step `step` of the iteration, when all ranks had made step + 1 steps.
@@ -991,15 +1008,13 @@ def main(args: Args, comm: MPI.Comm) -> None:
                 writer.add_scalar("charts/episodic_return", episode_return, x)
                 writer.add_scalar("charts/episodic_length", episode_length, x)
             # Losses are averaged over every minibatch of the iteration, of every rank; not taken from the last one.
-            losses = np.mean([rank_stats for _, rank_stats, *_ in gathered], 0)
+            losses = dict(zip(LOSS_KEYS, np.mean([rank_stats for _, rank_stats, *_ in gathered], 0)))
             y_pred, y_true = (np.concatenate([g[i] for g in gathered]) for i in (2, 3))
             var_y = np.var(y_true)
             explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
             sps = (global_step - start_step) / (time.time() - start_time)
             writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
-            for key, value in zip(
-                ("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac"), losses
-            ):
+            for key, value in losses.items():
                 writer.add_scalar(f"losses/{key}", value, global_step)
             writer.add_scalar("losses/explained_variance", explained_var, global_step)
             writer.add_scalar("charts/SPS", int(sps), global_step)

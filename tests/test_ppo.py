@@ -251,6 +251,19 @@ def test_a_value_tyro_cannot_parse_is_one_line(argv, message, monkeypatch):
     assert str(error.value) == message
 
 
+def test_nan_or_infinity_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    small = dict(num_envs=1, num_steps=16, num_minibatches=2, update_epochs=1, save_interval=1, eval_episodes=0)
+    with pytest.raises(ppo.UserError, match="^iteration 3: NaN or infinity in the observations; stopped"):
+        ppo.main(ppo.Args(env_id="tests.toy_envs:NaNObsToy-v0", total_timesteps=160, **small))
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert checkpoint["global_step"] == 32  # iterations 1 and 2 saved; nothing after the NaN
+    assert all(torch.isfinite(w).all() for w in checkpoint["model"].values() if w is not None)
+    with pytest.raises(ppo.UserError, match="^iteration 1: NaN or infinity in the (policy loss|value loss|entropy)"):
+        ppo.main(ppo.Args(learning_rate=1e38, total_timesteps=512, **small))  # the weights overflow
+
+
 def test_cuda_without_a_gpu_says_so_and_runs_on_the_cpu(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert ppo.choose_device(True).type == "cpu" and "no CUDA device" in capsys.readouterr().out

@@ -29,6 +29,8 @@ SHARED = [
     "check_rollout",
     "torch_policy",
     "rollout_policy",
+    "LOSS_KEYS",
+    "check_finite",
     "compute_gae",
     "EpisodeTracker",
     "save_checkpoint",

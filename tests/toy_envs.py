@@ -100,7 +100,19 @@ class BoxActionToy(gym.Env):
         return self._obs(), reward, False, False, {}
 
 
-for _cls in (MultiDiscreteToy, MultiBinaryToy, OffsetDiscreteToy, DictObsToy, BoxActionToy):
+class NaNObsToy(MatchEnv):
+    """MultiBinaryToy whose observation turns NaN from its 40th step on: a broken env, which training must name."""
+
+    def target_sizes(self):
+        self.action_space, self.steps = gym.spaces.MultiBinary(5), 0
+        return np.full(5, 2)
+
+    def _obs(self):
+        self.steps += 1
+        return np.full(5, np.nan, np.float32) if self.steps >= 40 else super()._obs()
+
+
+for _cls in (MultiDiscreteToy, MultiBinaryToy, OffsetDiscreteToy, DictObsToy, BoxActionToy, NaNObsToy):
     gym.register(id=f"{_cls.__name__}-v0", entry_point=f"{__name__}:{_cls.__name__}", max_episode_steps=16)
 
 
