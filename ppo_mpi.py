@@ -1098,6 +1098,12 @@ if __name__ == "__main__":
     args = parse_args_on_ranks(comm)
     try:
         main(args, comm)
+    except UserError as e:  # found while training (the rollout guard, a NaN): one line from each rank that found it
+        print(f"error: {e}" if comm.size == 1 else f"error: rank {comm.rank}: {e}", file=sys.stderr, flush=True)
+        if comm.size == 1:
+            sys.exit(2)
+        time.sleep(1.0)  # for mpiexec to pass the line on before MPI_Abort's teardown
+        comm.Abort(2)
     except (Exception, KeyboardInterrupt) as e:
         if comm.size == 1:
             raise
