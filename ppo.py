@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
 
 
 @dataclass
@@ -454,6 +455,29 @@ class EpisodeTracker:
         )
 
 
+class Progress:
+    """The run's progress: tqdm's bar on a terminal; in a log file, a plain line every 10 s (and at the end)."""
+
+    def __init__(self, total: int, initial: int):
+        self.total, self.last_print = total, 0.0
+        bar_format = "{l_bar}{bar}| {n_fmt}/{total_fmt} steps [{elapsed}<{remaining}{postfix}]"
+        self.bar = (
+            tqdm(total=total, initial=initial, bar_format=bar_format, file=sys.stdout) if sys.stdout.isatty() else None
+        )
+
+    def update(self, step: int, status: str) -> None:
+        if self.bar:
+            self.bar.set_postfix_str(status, refresh=False)
+            self.bar.update(step - self.bar.n)
+        elif time.time() - self.last_print >= 10.0 or step >= self.total:
+            print(f"{step:,}/{self.total:,} steps | {status}", flush=True)
+            self.last_print = time.time()
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.close()
+
+
 def evaluate(agent: Agent, envs, num_episodes: int, seed: int, obs_mask: np.ndarray | None = None) -> list:
     """Episodic returns of num_episodes played with the greedy policy (the most likely action)."""
     next_obs, _ = envs.reset(seed=seed)
@@ -616,7 +640,7 @@ def main(args: Args) -> None:
 
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
     tracker, recent_returns = EpisodeTracker(args.num_envs), deque(maxlen=100)
-    interactive, last_print = sys.stdout.isatty(), 0.0
+    progress = Progress(args.total_timesteps, global_step)
     obs_mask = velocity_mask(args, envs.single_observation_space)
     next_obs, _ = envs.reset(seed=seed)
     obs_space = envs.single_observation_space
@@ -734,18 +758,14 @@ def main(args: Args) -> None:
                     "optimizer": optimizer.state_dict(),
                 },
             )
-        # Progress: one line redrawn in place on a terminal, a plain line every 10 s in a log file.
-        if time.time() - last_print >= (0.5 if interactive else 10.0) or iteration == num_iterations:
-            ret = f"{np.mean(recent_returns):.1f} (last {len(recent_returns)} episodes)" if recent_returns else "n/a"
-            line = f"{global_step:,}/{args.total_timesteps:,} steps | {sps:,.0f} SPS | return {ret}"
-            print(f"\r{line}\033[K" if interactive else line, end="" if interactive else "\n", flush=True)
-            last_print = time.time()
+        ret = f"{np.mean(recent_returns):.1f} (last {len(recent_returns)} episodes)" if recent_returns else "n/a"
+        progress.update(global_step, f"{sps:,.0f} SPS | return {ret}")
 
     envs.close()
+    progress.close()
     mean_return = f"{np.mean(recent_returns):.2f}" if recent_returns else "n/a"
     print(
-        ("\n" if interactive else "")
-        + f"done: {global_step:,} steps in {time.time() - start_time:.1f} s ({sps:,.0f} SPS); "
+        f"done: {global_step:,} steps in {time.time() - start_time:.1f} s ({sps:,.0f} SPS); "
         f"mean return of the last {len(recent_returns)} episodes {mean_return}; checkpoint {checkpoint_path}"
     )
 

@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 import tyro
 from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
 
 
 @dataclass
@@ -351,6 +352,29 @@ def track_games(games: EpisodeTracker, info: dict, truncated: np.ndarray) -> lis
     return games.step(info["reward"], info["terminated"].astype(bool), truncated)
 
 
+class Progress:
+    """The run's progress: tqdm's bar on a terminal; in a log file, a plain line every 10 s (and at the end)."""
+
+    def __init__(self, total: int, initial: int):
+        self.total, self.last_print = total, 0.0
+        bar_format = "{l_bar}{bar}| {n_fmt}/{total_fmt} steps [{elapsed}<{remaining}{postfix}]"
+        self.bar = (
+            tqdm(total=total, initial=initial, bar_format=bar_format, file=sys.stdout) if sys.stdout.isatty() else None
+        )
+
+    def update(self, step: int, status: str) -> None:
+        if self.bar:
+            self.bar.set_postfix_str(status, refresh=False)
+            self.bar.update(step - self.bar.n)
+        elif time.time() - self.last_print >= 10.0 or step >= self.total:
+            print(f"{step:,}/{self.total:,} steps | {status}", flush=True)
+            self.last_print = time.time()
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.close()
+
+
 def evaluate(agent: Agent, envs, num_episodes: int, video_folder: str | None = None) -> list:
     """Real scores of num_episodes games played with the greedy policy (the most likely action); with video_folder,
     one video of each game there, as the emulator's full-colour screen."""
@@ -525,7 +549,7 @@ def main(args: Args) -> None:
     # Training episodes end at every lost life; `lives` marks the reset steps that follow them. `games` keeps the
     # statistics of whole games.
     lives, games, recent_returns = EpisodeTracker(args.num_envs), EpisodeTracker(args.num_envs), deque(maxlen=100)
-    interactive, last_print = sys.stdout.isatty(), 0.0
+    progress = Progress(args.total_timesteps, global_step)
     next_obs, _ = envs.reset()
     start_time, start_step = time.time(), global_step
 
@@ -635,18 +659,14 @@ def main(args: Args) -> None:
                     "optimizer": optimizer.state_dict(),
                 },
             )
-        # Progress: one line redrawn in place on a terminal, a plain line every 10 s in a log file.
-        if time.time() - last_print >= (0.5 if interactive else 10.0) or iteration == num_iterations:
-            ret = f"{np.mean(recent_returns):.1f} (last {len(recent_returns)} games)" if recent_returns else "n/a"
-            line = f"{global_step:,}/{args.total_timesteps:,} steps | {sps:,.0f} SPS | return {ret}"
-            print(f"\r{line}\033[K" if interactive else line, end="" if interactive else "\n", flush=True)
-            last_print = time.time()
+        ret = f"{np.mean(recent_returns):.1f} (last {len(recent_returns)} games)" if recent_returns else "n/a"
+        progress.update(global_step, f"{sps:,.0f} SPS | return {ret}")
 
     envs.close()
+    progress.close()
     mean_return = f"{np.mean(recent_returns):.2f}" if recent_returns else "n/a"
     print(
-        ("\n" if interactive else "")
-        + f"done: {global_step:,} steps in {time.time() - start_time:.1f} s ({sps:,.0f} SPS); "
+        f"done: {global_step:,} steps in {time.time() - start_time:.1f} s ({sps:,.0f} SPS); "
         f"mean return of the last {len(recent_returns)} games {mean_return}; checkpoint {checkpoint_path}"
     )
 

@@ -39,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
 
 
 @dataclass
@@ -740,6 +741,29 @@ class ObsPreparer:
         return obs.astype(self.dtype, copy=False)
 
 
+class Progress:
+    """The run's progress: tqdm's bar on a terminal; in a log file, a plain line every 10 s (and at the end)."""
+
+    def __init__(self, total: int, initial: int):
+        self.total, self.last_print = total, 0.0
+        bar_format = "{l_bar}{bar}| {n_fmt}/{total_fmt} steps [{elapsed}<{remaining}{postfix}]"
+        self.bar = (
+            tqdm(total=total, initial=initial, bar_format=bar_format, file=sys.stdout) if sys.stdout.isatty() else None
+        )
+
+    def update(self, step: int, status: str) -> None:
+        if self.bar:
+            self.bar.set_postfix_str(status, refresh=False)
+            self.bar.update(step - self.bar.n)
+        elif time.time() - self.last_print >= 10.0 or step >= self.total:
+            print(f"{step:,}/{self.total:,} steps | {status}", flush=True)
+            self.last_print = time.time()
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.close()
+
+
 def evaluate(agent: Agent, prepare: ObsPreparer, envs, num_episodes: int, seed: int, atari: bool = False) -> list:
     """Real episodic returns of num_episodes played with the greedy policy (the most likely action, or the Gaussian's
     mean), the LSTM state carried from step to step and restarted at each episode's first observation (for Atari,
@@ -952,7 +976,7 @@ def main(args: Args) -> None:
     tracker, recent_returns = EpisodeTracker(args.num_envs), deque(maxlen=100)
     # Atari: training episodes (tracker) end at every lost life; the statistics are those of whole games (games).
     games = EpisodeTracker(args.num_envs) if is_atari(args.env_id, backend) else None
-    interactive, last_print = sys.stdout.isatty(), 0.0
+    progress = Progress(args.total_timesteps, global_step)
     start_time, start_step = time.time(), global_step
 
     for iteration in range(start_iteration, num_iterations + 1):
@@ -1085,18 +1109,14 @@ def main(args: Args) -> None:
                     **({"return_rms": return_scaler.state_dict()} if return_scaler else {}),
                 },
             )
-        # Progress: one line redrawn in place on a terminal, a plain line every 10 s in a log file.
-        if time.time() - last_print >= (0.5 if interactive else 10.0) or iteration == num_iterations:
-            ret = f"{np.mean(recent_returns):.1f} (last {len(recent_returns)} episodes)" if recent_returns else "n/a"
-            line = f"{global_step:,}/{args.total_timesteps:,} steps | {sps:,.0f} SPS | return {ret}"
-            print(f"\r{line}\033[K" if interactive else line, end="" if interactive else "\n", flush=True)
-            last_print = time.time()
+        ret = f"{np.mean(recent_returns):.1f} (last {len(recent_returns)} episodes)" if recent_returns else "n/a"
+        progress.update(global_step, f"{sps:,.0f} SPS | return {ret}")
 
     envs.close()
+    progress.close()
     mean_return = f"{np.mean(recent_returns):.2f}" if recent_returns else "n/a"
     print(
-        ("\n" if interactive else "")
-        + f"done: {global_step:,} steps in {time.time() - start_time:.1f} s ({sps:,.0f} SPS); "
+        f"done: {global_step:,} steps in {time.time() - start_time:.1f} s ({sps:,.0f} SPS); "
         f"mean return of the last {len(recent_returns)} episodes {mean_return}; checkpoint {checkpoint_path}"
     )
 

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 import tyro
 from mpi4py import MPI
 from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
 
 
 @dataclass
@@ -677,6 +678,29 @@ def differing_ranks(comm: MPI.Comm, arrays: list) -> list:
     return [rank for rank, d in enumerate(digests) if d != digests[0]]
 
 
+class Progress:
+    """The run's progress: tqdm's bar on a terminal; in a log file, a plain line every 10 s (and at the end)."""
+
+    def __init__(self, total: int, initial: int):
+        self.total, self.last_print = total, 0.0
+        bar_format = "{l_bar}{bar}| {n_fmt}/{total_fmt} steps [{elapsed}<{remaining}{postfix}]"
+        self.bar = (
+            tqdm(total=total, initial=initial, bar_format=bar_format, file=sys.stdout) if sys.stdout.isatty() else None
+        )
+
+    def update(self, step: int, status: str) -> None:
+        if self.bar:
+            self.bar.set_postfix_str(status, refresh=False)
+            self.bar.update(step - self.bar.n)
+        elif time.time() - self.last_print >= 10.0 or step >= self.total:
+            print(f"{step:,}/{self.total:,} steps | {status}", flush=True)
+            self.last_print = time.time()
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.close()
+
+
 def evaluate(
     agent: Agent, obs_norm: ObsNormalizer | None, envs, num_episodes: int, seed: int, obs_mask: np.ndarray | None = None
 ) -> list:
@@ -888,7 +912,7 @@ def main(args: Args, comm: MPI.Comm) -> None:
     resets = np.zeros((args.num_steps, args.num_envs), dtype=bool)
 
     tracker, recent_returns = EpisodeTracker(args.num_envs), deque(maxlen=100)
-    interactive, last_print = sys.stdout.isatty(), 0.0
+    progress = Progress(args.total_timesteps, global_step) if rank == 0 else None
     obs_mask = velocity_mask(args, envs.single_observation_space)
     next_obs, _ = envs.reset(seed=seed)
     next_obs = next_obs if obs_mask is None else next_obs * obs_mask
@@ -1036,16 +1060,12 @@ def main(args: Args, comm: MPI.Comm) -> None:
                         else {}
                     ),
                 )
-            # Progress: one line redrawn in place on a terminal, a plain line every 10 s in a log file.
-            if time.time() - last_print >= (0.5 if interactive else 10.0) or iteration == num_iterations:
-                ret = (
-                    f"{np.mean(recent_returns):.1f} (last {len(recent_returns)} episodes)" if recent_returns else "n/a"
-                )
-                line = f"{global_step:,}/{args.total_timesteps:,} steps | {sps:,.0f} SPS | return {ret}"
-                print(f"\r{line}\033[K" if interactive else line, end="" if interactive else "\n", flush=True)
-                last_print = time.time()
+            ret = f"{np.mean(recent_returns):.1f} (last {len(recent_returns)} episodes)" if recent_returns else "n/a"
+            progress.update(global_step, f"{sps:,.0f} SPS | return {ret}")
 
     envs.close()
+    if progress:
+        progress.close()
     # The ranks stay in step only while every Allreduce gives every rank the same numbers: check that they did.
     state = [nn.utils.parameters_to_vector(agent.parameters()).detach().cpu().numpy()]
     state += [v.cpu().numpy() for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
@@ -1053,8 +1073,7 @@ def main(args: Args, comm: MPI.Comm) -> None:
     differing = differing_ranks(comm, state)
     if rank == 0 and differing:
         print(
-            ("\n" if interactive else "")
-            + f"error: after training, the network, optimizer or normalisation of rank(s) {differing} differ from rank "
+            f"error: after training, the network, optimizer or normalisation of rank(s) {differing} differ from rank "
             f"0's: the ranks did not stay in step (checkpoint {checkpoint_path} holds rank 0's); please report this",
             file=sys.stderr,
             flush=True,
@@ -1067,8 +1086,7 @@ def main(args: Args, comm: MPI.Comm) -> None:
     mean_return = f"{np.mean(recent_returns):.2f}" if recent_returns else "n/a"
     ranks = f"{num_ranks} ranks, identical at the end" if num_ranks > 1 else "1 rank"
     print(
-        ("\n" if interactive else "")
-        + f"done: {global_step:,} steps in {time.time() - start_time:.1f} s ({sps:,.0f} SPS) on {ranks}; "
+        f"done: {global_step:,} steps in {time.time() - start_time:.1f} s ({sps:,.0f} SPS) on {ranks}; "
         f"mean return of the last {len(recent_returns)} episodes {mean_return}; checkpoint {checkpoint_path}"
     )
     if args.eval_episodes:

@@ -31,6 +31,7 @@ SHARED = [
     "rollout_policy",
     "LOSS_KEYS",
     "check_finite",
+    "Progress",
     "compute_gae",
     "EpisodeTracker",
     "save_checkpoint",
