@@ -478,25 +478,37 @@ class Progress:
             self.bar.close()
 
 
-def evaluate(agent: Agent, envs, num_episodes: int, seed: int, obs_mask: np.ndarray | None = None) -> list:
-    """Episodic returns of num_episodes played with the greedy policy (the most likely action)."""
-    next_obs, _ = envs.reset(seed=seed)
+class ObsPreparer:
+    """Env observations -> what the agent sees and the rollout stores: velocities zeroed (--mask-velocity), float32."""
+
+    def __init__(self, space: gym.Space, args: Args):
+        self.velocity_mask = velocity_mask(args, space)
+
+    def __call__(self, obs, update: bool = True) -> np.ndarray:
+        """update=False freezes any statistics the preparation keeps (evaluation)."""
+        if self.velocity_mask is not None:
+            obs = obs * self.velocity_mask
+        return obs.astype(np.float32, copy=False)
+
+
+def evaluate(agent: Agent, prepare: ObsPreparer, envs, num_episodes: int, seed: int) -> list:
+    """Real episodic returns of num_episodes played with the greedy policy (the most likely action), the observations
+    prepared as in training, with any statistics frozen."""
+    next_obs = prepare(envs.reset(seed=seed)[0], update=False)
     tracker, returns, device = EpisodeTracker(envs.num_envs), [], next(agent.parameters()).device
     while len(returns) < num_episodes:
-        if obs_mask is not None:
-            next_obs = next_obs * obs_mask
         with torch.no_grad():
-            x = torch.as_tensor(next_obs, dtype=torch.float32, device=device)
-            action = agent.get_action_and_value(x, greedy=True)[0].cpu().numpy()
+            action = agent.get_action_and_value(torch.from_numpy(next_obs).to(device), greedy=True)[0].cpu().numpy()
         next_obs, reward, terminated, truncated, _ = envs.step(to_env_action(action, envs.single_action_space))
+        next_obs = prepare(next_obs, update=False)
         returns += [episode_return for episode_return, _ in tracker.step(reward, terminated, truncated)]
     return returns[:num_episodes]
 
 
-def run_evaluation(agent: Agent, args: Args, backend: str, seed: int, video_folder: str | None) -> list:
+def run_evaluation(agent: Agent, prepare: ObsPreparer, args: Args, backend: str, seed: int, video_folder) -> list:
     """Evaluate on a fresh env (rendered by gymnasium when recording videos) and print mean ± std."""
     envs = make_envs(args.env_id, 1, seed, "gymnasium" if video_folder else backend, video_folder)
-    returns = evaluate(agent, envs, args.eval_episodes, seed, velocity_mask(args, envs.single_observation_space))
+    returns = evaluate(agent, prepare, envs, args.eval_episodes, seed)
     envs.close()
     print(f"eval {args.env_id}: {np.mean(returns):.2f} ± {np.std(returns):.2f} over {len(returns)} greedy episodes")
     return returns
@@ -579,10 +591,11 @@ def main(args: Args) -> None:
     if args.eval_checkpoint:
         envs = make_envs(args.env_id, 1, args.seed, backend)
         agent = Agent(envs.single_observation_space, envs.single_action_space).to(device)
+        prepare = ObsPreparer(envs.single_observation_space, args)
         envs.close()
         load_agent(agent, checkpoint, "--eval-checkpoint")
         video_folder = os.path.join(os.path.dirname(args.eval_checkpoint), "videos") if args.capture_video else None
-        run_evaluation(agent, args, backend, args.seed, video_folder)
+        run_evaluation(agent, prepare, args, backend, args.seed, video_folder)
         return
 
     batch_size = args.num_envs * args.num_steps
@@ -599,6 +612,7 @@ def main(args: Args) -> None:
 
     envs = make_envs(args.env_id, args.num_envs, seed, backend)
     agent = Agent(envs.single_observation_space, envs.single_action_space).to(device)
+    prepare = ObsPreparer(envs.single_observation_space, args)
     # Fused Adam: one kernel for every parameter instead of a loop of small ones (README, Speed).
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
     if checkpoint:
@@ -641,8 +655,9 @@ def main(args: Args) -> None:
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
     tracker, recent_returns = EpisodeTracker(args.num_envs), deque(maxlen=100)
     progress = Progress(args.total_timesteps, global_step)
-    obs_mask = velocity_mask(args, envs.single_observation_space)
-    next_obs, _ = envs.reset(seed=seed)
+    # The agent sees, and the rollout stores, each observation prepared once, as the envs return it: the same numbers
+    # serve the policy, the stored batch and next_value.
+    next_obs = prepare(envs.reset(seed=seed)[0])
     obs_space = envs.single_observation_space
     obs_space.seed(seed)
     probe = np.stack([obs_space.sample() for _ in range(64)]).astype(np.float32)
@@ -657,13 +672,14 @@ def main(args: Args) -> None:
 
         for step in range(args.num_steps):
             global_step += args.num_envs
-            obs[step] = next_obs if obs_mask is None else next_obs * obs_mask
+            obs[step] = next_obs
             resets[step] = tracker.reset
             actions[step], logprobs[step], values[step] = policy(obs[step])
 
             next_obs, reward, terminations[step], truncations[step], _ = envs.step(
                 to_env_action(actions[step], envs.single_action_space)
             )
+            next_obs = prepare(next_obs)
             rewards[step] = reward
             for episode_return, episode_length in tracker.step(reward, terminations[step], truncations[step]):
                 recent_returns.append(episode_return)
@@ -671,8 +687,7 @@ def main(args: Args) -> None:
                 writer.add_scalar("charts/episodic_length", episode_length, global_step)
 
         with torch.no_grad():
-            last_obs = next_obs if obs_mask is None else next_obs * obs_mask
-            next_value = agent.get_value(torch.as_tensor(last_obs, dtype=torch.float32, device=device)).cpu().numpy()
+            next_value = agent.get_value(torch.from_numpy(next_obs).to(device)).cpu().numpy()
         check_finite(iteration, observations=obs, rewards=rewards)
         advantages, returns = compute_gae(
             rewards, values, terminations, truncations, resets, next_value, args.gamma, args.gae_lambda
@@ -771,7 +786,7 @@ def main(args: Args) -> None:
 
     if args.eval_episodes:
         video_folder = os.path.join(run_dir, "videos") if args.capture_video else None
-        eval_returns = run_evaluation(agent, args, backend, seed, video_folder)
+        eval_returns = run_evaluation(agent, prepare, args, backend, seed, video_folder)
         writer.add_scalar("eval/episodic_return", np.mean(eval_returns), global_step)
     writer.close()
     if args.track:

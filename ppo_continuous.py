@@ -527,32 +527,40 @@ class Progress:
             self.bar.close()
 
 
-def evaluate(
-    agent: Agent, obs_norm: ObsNormalizer, envs, num_episodes: int, seed: int, obs_mask: np.ndarray | None = None
-) -> list:
+class ObsPreparer:
+    """Env observations -> what the agent sees and the rollout stores: velocities zeroed (--mask-velocity), then
+    normalised by the running mean and std of every observation seen (ObsNormalizer), float32."""
+
+    def __init__(self, space: gym.Space, args: Args):
+        self.velocity_mask = velocity_mask(args, space)
+        self.obs_norm = ObsNormalizer(space.shape)
+
+    def __call__(self, obs, update: bool = True) -> np.ndarray:
+        """update=False freezes any statistics the preparation keeps (evaluation)."""
+        if self.velocity_mask is not None:
+            obs = obs * self.velocity_mask
+        obs = self.obs_norm(obs, update)
+        return obs.astype(np.float32, copy=False)
+
+
+def evaluate(agent: Agent, prepare: ObsPreparer, envs, num_episodes: int, seed: int) -> list:
     """Real episodic returns of num_episodes played with the greedy policy (the mean action), the observations
-    normalised by the training statistics, frozen."""
-    next_obs, _ = envs.reset(seed=seed)
+    prepared as in training, with any statistics frozen."""
+    next_obs = prepare(envs.reset(seed=seed)[0], update=False)
     tracker, returns, device = EpisodeTracker(envs.num_envs), [], next(agent.parameters()).device
     while len(returns) < num_episodes:
-        if obs_mask is not None:
-            next_obs = next_obs * obs_mask
         with torch.no_grad():
-            x = torch.as_tensor(obs_norm(next_obs, update=False), device=device)
-            action = agent.get_action_and_value(x, greedy=True)[0].cpu().numpy()
+            action = agent.get_action_and_value(torch.from_numpy(next_obs).to(device), greedy=True)[0].cpu().numpy()
         next_obs, reward, terminated, truncated, _ = envs.step(to_env_action(action, envs.single_action_space))
+        next_obs = prepare(next_obs, update=False)
         returns += [episode_return for episode_return, _ in tracker.step(reward, terminated, truncated)]
     return returns[:num_episodes]
 
 
-def run_evaluation(
-    agent: Agent, obs_norm: ObsNormalizer, args: Args, backend: str, seed: int, video_folder: str | None
-) -> list:
+def run_evaluation(agent: Agent, prepare: ObsPreparer, args: Args, backend: str, seed: int, video_folder) -> list:
     """Evaluate on a fresh env (rendered by gymnasium when recording videos) and print mean ± std."""
     envs = make_envs(args.env_id, 1, seed, "gymnasium" if video_folder else backend, video_folder)
-    returns = evaluate(
-        agent, obs_norm, envs, args.eval_episodes, seed, velocity_mask(args, envs.single_observation_space)
-    )
+    returns = evaluate(agent, prepare, envs, args.eval_episodes, seed)
     envs.close()
     print(f"eval {args.env_id}: {np.mean(returns):.2f} ± {np.std(returns):.2f} over {len(returns)} greedy episodes")
     return returns
@@ -637,12 +645,12 @@ def main(args: Args) -> None:
     if args.eval_checkpoint:
         envs = make_envs(args.env_id, 1, args.seed, backend)
         agent = Agent(envs.single_observation_space, envs.single_action_space).to(device)
+        prepare = ObsPreparer(envs.single_observation_space, args)
         envs.close()
         load_agent(agent, checkpoint, "--eval-checkpoint")
-        obs_norm = ObsNormalizer(envs.single_observation_space.shape)
-        obs_norm.load_state_dict(checkpoint["obs_rms"])
+        prepare.obs_norm.load_state_dict(checkpoint["obs_rms"])
         video_folder = os.path.join(os.path.dirname(args.eval_checkpoint), "videos") if args.capture_video else None
-        run_evaluation(agent, obs_norm, args, backend, args.seed, video_folder)
+        run_evaluation(agent, prepare, args, backend, args.seed, video_folder)
         return
 
     batch_size = args.num_envs * args.num_steps
@@ -659,14 +667,14 @@ def main(args: Args) -> None:
 
     envs = make_envs(args.env_id, args.num_envs, seed, backend)
     agent = Agent(envs.single_observation_space, envs.single_action_space).to(device)
+    prepare = ObsPreparer(envs.single_observation_space, args)
     # Fused Adam: one kernel for every parameter instead of a loop of small ones (README, Speed).
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
-    obs_norm = ObsNormalizer(envs.single_observation_space.shape)
     return_scaler = ReturnScaler(args.num_envs, args.gamma)
     if checkpoint:
         load_agent(agent, checkpoint, "--resume")
         optimizer.load_state_dict(checkpoint["optimizer"])
-        obs_norm.load_state_dict(checkpoint["obs_rms"])
+        prepare.obs_norm.load_state_dict(checkpoint["obs_rms"])
         return_scaler.load_state_dict(checkpoint["return_rms"])
         run_dir = os.path.dirname(os.path.abspath(args.resume))  # the resumed run's curves go on in its folder
     else:
@@ -706,11 +714,9 @@ def main(args: Args) -> None:
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
     tracker, recent_returns = EpisodeTracker(args.num_envs), deque(maxlen=100)
     progress = Progress(args.total_timesteps, global_step)
-    obs_mask = velocity_mask(args, envs.single_observation_space)
-    next_obs, _ = envs.reset(seed=seed)
-    # The networks see, and the rollout stores, each observation masked (--mask-velocity) and normalised once, as the
-    # envs return it: the same numbers serve the policy, the stored batch and next_value.
-    next_obs = obs_norm(next_obs if obs_mask is None else next_obs * obs_mask)
+    # The agent sees, and the rollout stores, each observation prepared once, as the envs return it: the same numbers
+    # serve the policy, the stored batch and next_value.
+    next_obs = prepare(envs.reset(seed=seed)[0])
     obs_space = envs.single_observation_space
     obs_space.seed(seed)
     probe = np.stack([obs_space.sample() for _ in range(64)]).astype(np.float32)
@@ -732,7 +738,7 @@ def main(args: Args) -> None:
             next_obs, reward, terminations[step], truncations[step], _ = envs.step(
                 to_env_action(actions[step], envs.single_action_space)
             )
-            next_obs = obs_norm(next_obs if obs_mask is None else next_obs * obs_mask)
+            next_obs = prepare(next_obs)
             rewards[step] = return_scaler(reward, resets[step])
             for episode_return, episode_length in tracker.step(reward, terminations[step], truncations[step]):
                 recent_returns.append(episode_return)
@@ -740,7 +746,7 @@ def main(args: Args) -> None:
                 writer.add_scalar("charts/episodic_length", episode_length, global_step)
 
         with torch.no_grad():
-            next_value = agent.get_value(torch.as_tensor(next_obs, dtype=torch.float32, device=device)).cpu().numpy()
+            next_value = agent.get_value(torch.from_numpy(next_obs).to(device)).cpu().numpy()
         check_finite(iteration, observations=obs, rewards=rewards)
         advantages, returns = compute_gae(
             rewards, values, terminations, truncations, resets, next_value, args.gamma, args.gae_lambda
@@ -824,7 +830,7 @@ def main(args: Args) -> None:
                     "global_step": global_step,
                     "model": agent.state_dict(),
                     "optimizer": optimizer.state_dict(),
-                    "obs_rms": obs_norm.state_dict(),
+                    "obs_rms": prepare.obs_norm.state_dict(),
                     "return_rms": return_scaler.state_dict(),
                 },
             )
@@ -841,7 +847,7 @@ def main(args: Args) -> None:
 
     if args.eval_episodes:
         video_folder = os.path.join(run_dir, "videos") if args.capture_video else None
-        eval_returns = run_evaluation(agent, obs_norm, args, backend, seed, video_folder)
+        eval_returns = run_evaluation(agent, prepare, args, backend, seed, video_folder)
         writer.add_scalar("eval/episodic_return", np.mean(eval_returns), global_step)
     writer.close()
     if args.track:
