@@ -21,6 +21,7 @@ Details: Huang et al. 2022, "The 37 Implementation Details of Proximal Policy Op
 """
 
 import contextlib
+import copy
 import hashlib
 import importlib
 import io
@@ -441,14 +442,21 @@ def torch_policy(agent: Agent, device: torch.device):
 
 def rollout_policy(agent: Agent, rng: np.random.Generator, device: torch.device, probe: np.ndarray):
     """The policy the rollout samples from: numpy_policy on the CPU where it reproduces get_action_and_value on the
-    probe observations, else the torch network itself."""
+    probe observations, with the agent's weights and with randomly perturbed ones (a module the mirror does not see
+    may change nothing until it is trained, e.g. a branch initialised to zero); else the torch network itself."""
     policy = numpy_policy(agent, rng) if device.type == "cpu" else None
     if policy is not None:
+        twin, noise = copy.deepcopy(agent), torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in twin.parameters():
+                p.add_(0.1 * torch.randn(p.shape, generator=noise))
         try:
-            action, logprob, value = policy(probe)
-            with torch.no_grad():
-                _, newlogprob, _, newvalue = agent.get_action_and_value(*map(torch.from_numpy, (probe, action)))
-            mismatch = rollout_mismatch(newlogprob, logprob, newvalue, value)
+            mismatch = ""
+            for network, mirror in ((agent, policy), (twin, numpy_policy(twin, rng))):
+                action, logprob, value = mirror(probe)
+                with torch.no_grad():
+                    _, newlogprob, _, newvalue = network.get_action_and_value(*map(torch.from_numpy, (probe, action)))
+                mismatch = mismatch or rollout_mismatch(newlogprob, logprob, newvalue, value)
         except Exception as e:  # an edited network the mirror cannot even run, e.g. other input sizes
             mismatch = f"it fails with {type(e).__name__}"
         if mismatch:
