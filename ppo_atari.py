@@ -295,7 +295,7 @@ def check_finite(iteration: int, **arrays) -> None:
     """Stop at a NaN or an infinity, naming where it appeared. It is checked before the iteration's checkpoint is
     written, so the last checkpoint on disk is the last good one."""
     for name, x in arrays.items():
-        if not np.isfinite(x).all():
+        if np.issubdtype(np.asarray(x).dtype, np.inexact) and not np.isfinite(x).all():  # integers hold neither
             raise UserError(
                 f"iteration {iteration}: NaN or infinity in the {name.replace('_', ' ')}; stopped, the last checkpoint "
                 "written is the last good one"
