@@ -513,7 +513,9 @@ def evaluate(agent: Agent, prepare: ObsPreparer, envs, num_episodes: int, seed: 
     return returns[:num_episodes]
 
 
-def run_evaluation(agent: Agent, prepare: ObsPreparer, args: Args, backend: str, seed: int, video_folder) -> list:
+def run_evaluation(
+    agent: Agent, prepare: ObsPreparer, args: Args, backend: str, seed: int, video_folder: str | None
+) -> list:
     """Evaluate on a fresh env (rendered by gymnasium when recording videos) and print mean ± std."""
     envs = make_envs(args.env_id, 1, seed, "gymnasium" if video_folder else backend, video_folder)
     returns = evaluate(agent, prepare, envs, args.eval_episodes, seed)
