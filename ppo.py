@@ -313,7 +313,19 @@ def numpy_module(module: nn.Module):
     if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1:
         weight, bias, eps = param.get("weight", 1), param.get("bias", 0), module.eps
         return lambda x: (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + eps) * weight + bias
-    return {nn.Tanh: np.tanh, nn.ReLU: lambda x: np.maximum(x, 0), nn.Identity: lambda x: x}.get(type(module))
+    if isinstance(module, nn.LeakyReLU):
+        slope = module.negative_slope
+        return lambda x: np.where(x > 0, x, slope * x)
+    if isinstance(module, nn.ELU):
+        alpha = module.alpha
+        return lambda x: np.where(x > 0, x, alpha * np.expm1(np.minimum(x, 0)))
+    # the sigmoid as 0.5 (1 + tanh(x / 2)): the same function, without exp's overflow for large -x
+    activations = {nn.Tanh: np.tanh, nn.ReLU: lambda x: np.maximum(x, 0), nn.Identity: lambda x: x}
+    activations |= {
+        nn.Sigmoid: lambda x: 0.5 + 0.5 * np.tanh(0.5 * x),
+        nn.SiLU: lambda x: x * (0.5 + 0.5 * np.tanh(0.5 * x)),
+    }
+    return activations.get(type(module))
 
 
 def numpy_policy(agent: Agent, rng: np.random.Generator):
@@ -374,7 +386,7 @@ def torch_policy(agent: Agent, device: torch.device):
     """The rollout's sampling by the torch network itself: obs -> (action, logprob, value), NumPy in and out."""
 
     def policy(obs):
-        with torch.no_grad():
+        with torch.inference_mode():  # no autograd bookkeeping at all: the fastest mode
             action, logprob, _, value = agent.get_action_and_value(torch.from_numpy(obs).to(device))
         return action.cpu().numpy(), logprob.cpu().numpy(), value.cpu().numpy()
 

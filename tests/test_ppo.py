@@ -186,8 +186,9 @@ def test_unsupported_spaces_are_named():
 def test_numpy_module_mirrors_the_layers_it_knows_and_only_those():
     torch.manual_seed(0)
     known = nn.Sequential(nn.Linear(5, 8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 8, bias=False), nn.Tanh())
-    known.append(nn.Identity())
-    x = torch.randn(16, 5)
+    known.extend([nn.Identity(), nn.Linear(8, 8), nn.LeakyReLU(0.1), nn.Linear(8, 8), nn.ELU(0.5), nn.Linear(8, 8)])
+    known.extend([nn.SiLU(), nn.Linear(8, 8), nn.Sigmoid()])
+    x = torch.randn(16, 5) * 3
     mirror = ppo.numpy_module(known)
     np.testing.assert_allclose(mirror(x.numpy()), known(x).detach().numpy(), rtol=1e-5, atol=1e-6)
     with torch.no_grad():  # the mirror reads the parameters' memory: an in-place optimizer step reaches it
