@@ -401,7 +401,8 @@ class Agent(nn.Module):
             return hidden[0], lstm_state
         # Whole sequences (the update): each env's sequence is cut at its episode starts into segments, which are
         # padded into one batch for a single LSTM call. The LSTM is causal, so padding at the end changes nothing.
-        pad_inds, unpad, seg_env, resume = map(torch.from_numpy, sequence_segments(starts.view(-1, h.shape[1]).numpy()))
+        segments = sequence_segments(starts.view(-1, h.shape[1]).cpu().numpy())
+        pad_inds, unpad, seg_env, resume = (torch.from_numpy(a).to(features.device) for a in segments)
         keep = resume.view(1, -1, 1).float()
         hidden, _ = self.lstm(features[pad_inds], (h[:, seg_env] * keep, c[:, seg_env] * keep))
         return hidden.flatten(0, 1)[unpad], None
