@@ -105,6 +105,9 @@ class Args:
 class UserError(Exception):
     """A mistake in the input: printed as one line, exit status 2 (as for a bad flag), no traceback."""
 
+    def __str__(self) -> str:
+        return " ".join(super().__str__().split())  # one line, whatever it quotes (a 2-D space's repr spans two)
+
 
 # Envpool warns that reset(seed=) is ignored (its envs are seeded in envpool.make, as make_envs does) and that its
 # spaces' float64 bounds become float32: neither applies to a user's run.

@@ -1,5 +1,8 @@
 """Shared test helpers: run a script as a user would, and read what it logged."""
 
+import contextlib
+import importlib
+import io
 import os
 import subprocess
 import sys
@@ -17,6 +20,27 @@ def run_script(script: str, *args: str, cwd: Path, timeout: float = 600) -> subp
     return subprocess.run(
         [sys.executable, str(REPO / script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def run_in_process(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`python SCRIPT ARGS` as its `__main__` block runs it, in this process (no new interpreter and imports): a
+    UserError is one `error:` line on stderr and exit status 2; any other exception propagates (a traceback)."""
+    module = importlib.import_module(script[: -len(".py")])
+    stdout, stderr, argv, here = io.StringIO(), io.StringIO(), sys.argv, os.getcwd()
+    returncode = 0
+    try:
+        sys.argv = [script, *args]
+        os.chdir(cwd)
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                module.main(module.parse_args())
+            except module.UserError as e:
+                print(f"error: {e}", file=sys.stderr)
+                returncode = 2
+    finally:
+        sys.argv = argv
+        os.chdir(here)
+    return subprocess.CompletedProcess([script, *args], returncode, stdout.getvalue(), stderr.getvalue())
 
 
 def only_run_dir(cwd: Path) -> Path:

@@ -1,0 +1,79 @@
+"""Bad input, in every script that runs without MPI (ppo_mpi.py's are in test_ppo_mpi.py, on two ranks): one
+`error:` line naming the flag, exit status 2, no traceback, nothing written. In this process, as the script's
+`__main__` block runs it (tests/conftest.py: run_in_process); test_main_block_exits_with_one_line checks that block."""
+
+import pytest
+import torch
+
+from tests.conftest import run_in_process, run_script
+
+CASES = [
+    ("ppo.py", ["--num-minibatches", "3"], "--num-minibatches 3 does not divide the batch of 512"),
+    ("ppo.py", ["--num-envs", "0"], "--num-envs 0 must be positive"),
+    ("ppo.py", ["--num-steps", "-5"], "--num-steps -5 must be positive"),
+    ("ppo.py", ["--total-timesteps", "100"], "less than one batch"),
+    ("ppo.py", ["--gamma", "1.5"], "--gamma"),
+    ("ppo.py", ["--env-id", "CartPol-v1"], "--env-id CartPol-v1 is neither"),
+    ("ppo.py", ["--env-id", "nosuchmodule:Foo-v0"], "cannot import module 'nosuchmodule'"),
+    ("ppo.py", ["--env-id", "Pendulum-v1"], "use ppo_continuous.py"),
+    ("ppo.py", ["--env-id", "tests.toy_envs:DictObsToy-v0"], "Box and Discrete observations, not Dict"),
+    ("ppo.py", ["--env-id", "Pong-v5", "--capture-video"], "--capture-video"),
+    ("ppo.py", ["--env-id", "Pong-v5", "--env-backend", "gymnasium"], "not a gymnasium id"),
+    ("ppo.py", ["--eval-checkpoint", "missing.pt"], "--eval-checkpoint missing.pt: no such file"),
+    ("ppo.py", ["--resume", "missing.pt"], "--resume missing.pt: no such file"),
+    ("ppo.py", ["--env-backend", "ray"], "ray"),
+    ("ppo_continuous.py", ["--num-minibatches", "3"], "--num-minibatches 3 does not divide the batch of 2048"),
+    ("ppo_continuous.py", ["--total-timesteps", "100"], "less than one batch"),
+    ("ppo_continuous.py", ["--env-id", "CartPole-v1"], "use ppo.py"),
+    ("ppo_continuous.py", ["--env-id", "tests.toy_envs:MultiDiscreteToy-v0"], "use ppo.py"),
+    ("ppo_continuous.py", ["--env-id", "tests.toy_envs:DictObsToy-v0"], "Box observations, not Dict"),
+    ("ppo_continuous.py", ["--env-id", "CheetahRun-v1", "--capture-video"], "--capture-video"),
+    ("ppo_continuous.py", ["--eval-checkpoint", "missing.pt"], "--eval-checkpoint missing.pt: no such file"),
+    ("ppo_continuous.py", ["--mask-velocity"], "--mask-velocity: no velocity entries known for HalfCheetah-v4"),
+    ("ppo_lstm.py", ["--num-minibatches", "3"], "--num-minibatches 3 does not divide the 4 sequences of a rollout"),
+    ("ppo_lstm.py", ["--seq-len", "32", "--num-minibatches", "3"], "does not divide the 16 sequences"),
+    ("ppo_lstm.py", ["--seq-len", "100"], "--seq-len 100 does not divide --num-steps 128"),
+    ("ppo_lstm.py", ["--lstm-hidden-size", "0"], "--lstm-hidden-size 0 must be positive"),
+    ("ppo_lstm.py", ["--total-timesteps", "100"], "less than one batch"),
+    (
+        "ppo_lstm.py",
+        ["--env-id", "Hopper-v4", "--mask-velocity"],
+        "--mask-velocity: no velocity entries known for Hopper-v4",
+    ),
+    (
+        "ppo_lstm.py",
+        ["--env-id", "Breakout-v5", "--norm-obs"],
+        "--norm-obs normalises Box observations other than images",
+    ),
+    (
+        "ppo_lstm.py",
+        ["--env-id", "tests.toy_envs:DictObsToy-v0", "--norm-obs"],
+        "--norm-obs normalises Box observations",
+    ),
+    ("ppo_lstm.py", ["--env-id", "Blackjack-v1"], "not Tuple"),
+    ("ppo_lstm.py", ["--env-id", "CartPol-v1"], "--env-id CartPol-v1 is neither"),
+    ("ppo_lstm.py", ["--eval-checkpoint", "missing.pt"], "--eval-checkpoint missing.pt: no such file"),
+    ("ppo_atari.py", ["--env-id", "CartPole-v1"], "--env-id CartPole-v1 is not an Atari game: use ppo.py"),
+    ("ppo_atari.py", ["--num-minibatches", "3"], "--num-minibatches 3 does not divide the batch of 1024"),
+    ("ppo_atari.py", ["--resume", "ppo.pt"], "--resume ppo.pt was written by ppo.py; load it with that script"),
+]
+
+
+@pytest.mark.parametrize("script, args, message", CASES)
+def test_bad_input_gives_one_clear_line(script, args, message, workdir):
+    torch.save(
+        {"script": "ppo.py", "args": {"env_id": "CartPole-v1"}, "global_step": 0, "model": {}}, workdir / "ppo.pt"
+    )
+    result = run_in_process(script, *args, cwd=workdir)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert not (workdir / "runs").exists()  # rejected before any work started
+
+
+@pytest.mark.parametrize("script", ["ppo.py", "ppo_continuous.py", "ppo_atari.py", "ppo_lstm.py"])
+def test_main_block_exits_with_one_line(script, workdir):
+    for args, message in ((["--num-envs", "0"], "--num-envs 0 must be positive"), (["--num-envs", "x"], "--num-envs")):
+        result = run_script(script, *args, cwd=workdir, timeout=120)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.startswith("error: ") and message in result.stderr, result.stderr
