@@ -22,11 +22,14 @@ def run_script(script: str, *args: str, cwd: Path, timeout: float = 600) -> subp
     )
 
 
-def run_in_process(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+def run_in_process(script: str, *args: str, cwd: Path, timeout: float | None = None) -> subprocess.CompletedProcess:
     """`python SCRIPT ARGS` as its `__main__` block runs it, in this process (no new interpreter and imports): a
-    UserError is one `error:` line on stderr and exit status 2; any other exception propagates (a traceback)."""
+    UserError is one `error:` line on stderr and exit status 2; any other exception propagates (a traceback). The
+    run_script twin for runs that need no process of their own; timeout is run_script's, not applied here."""
+    import torch
+
     module = importlib.import_module(script[: -len(".py")])
-    stdout, stderr, argv, here = io.StringIO(), io.StringIO(), sys.argv, os.getcwd()
+    stdout, stderr, argv, here, threads = io.StringIO(), io.StringIO(), sys.argv, os.getcwd(), torch.get_num_threads()
     returncode = 0
     try:
         sys.argv = [script, *args]
@@ -37,9 +40,10 @@ def run_in_process(script: str, *args: str, cwd: Path) -> subprocess.CompletedPr
             except module.UserError as e:
                 print(f"error: {e}", file=sys.stderr)
                 returncode = 2
-    finally:
+    finally:  # what a script sets for its process, put back for the next test
         sys.argv = argv
         os.chdir(here)
+        torch.set_num_threads(threads)
     return subprocess.CompletedProcess([script, *args], returncode, stdout.getvalue(), stderr.getvalue())
 
 

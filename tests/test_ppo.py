@@ -12,7 +12,7 @@ import torch.nn as nn
 
 import ppo
 import tests.toy_envs  # noqa: F401  (registers the toy envs in this process too)
-from tests.conftest import only_run_dir, read_scalars, run_script
+from tests.conftest import only_run_dir, read_scalars, run_in_process, run_script
 
 GAMMA, LAM = 0.9, 0.8
 
@@ -328,7 +328,7 @@ SMALL = ["--num-envs", "2", "--num-steps", "64", "--num-minibatches", "2", "--up
 
 
 def test_train_log_checkpoint_eval_resume(workdir):
-    result = run_script(
+    result = run_in_process(
         "ppo.py", "--total-timesteps", "2048", "--save-interval", "1", "--eval-episodes", "2", cwd=workdir
     )
     assert result.returncode == 0, result.stderr
@@ -344,13 +344,13 @@ def test_train_log_checkpoint_eval_resume(workdir):
     assert ckpt["script"] == "ppo.py" and ckpt["global_step"] == 2048 and ckpt["args"]["env_id"] == "CartPole-v1"
     assert {"model", "optimizer"} <= ckpt.keys()
 
-    result = run_script(
+    result = run_in_process(
         "ppo.py", "--eval-checkpoint", str(run_dir / "checkpoint.pt"), "--eval-episodes", "3", cwd=workdir
     )
     assert result.returncode == 0, result.stderr
     assert "over 3 greedy episodes" in result.stdout and "done:" not in result.stdout  # evaluated, did not train
 
-    result = run_script(
+    result = run_in_process(
         "ppo.py",
         "--total-timesteps",
         "3072",
@@ -383,7 +383,7 @@ def test_train_log_checkpoint_eval_resume(workdir):
     ],
 )
 def test_action_and_observation_spaces(workdir, env_id):
-    result = run_script(
+    result = run_in_process(
         "ppo.py", "--env-id", env_id, "--total-timesteps", "256", "--eval-episodes", "1", *SMALL, cwd=workdir
     )
     assert result.returncode == 0, result.stderr
@@ -392,7 +392,7 @@ def test_action_and_observation_spaces(workdir, env_id):
 
 
 def test_envpool_backend(workdir):
-    result = run_script(
+    result = run_in_process(
         "ppo.py", "--env-backend", "envpool", "--total-timesteps", "256", "--eval-episodes", "1", *SMALL, cwd=workdir
     )
     assert result.returncode == 0, result.stderr
@@ -407,7 +407,7 @@ def test_track_to_wandb_offline(workdir):
 
 
 def test_capture_video_of_evaluation(workdir):
-    result = run_script(
+    result = run_in_process(
         "ppo.py", "--capture-video", "--total-timesteps", "256", "--eval-episodes", "2", *SMALL, cwd=workdir
     )
     assert result.returncode == 0, result.stderr
@@ -416,23 +416,23 @@ def test_capture_video_of_evaluation(workdir):
 
 
 def test_resume_checks_the_env(workdir):
-    result = run_script("ppo.py", "--total-timesteps", "512", "--eval-episodes", "0", cwd=workdir)
+    result = run_in_process("ppo.py", "--total-timesteps", "512", "--eval-episodes", "0", cwd=workdir)
     assert result.returncode == 0, result.stderr
     ckpt = str(only_run_dir(workdir) / "checkpoint.pt")
-    result = run_script("ppo.py", "--resume", ckpt, "--env-id", "Acrobot-v1", cwd=workdir)
+    result = run_in_process("ppo.py", "--resume", ckpt, "--env-id", "Acrobot-v1", cwd=workdir)
     assert (
         result.returncode != 0
         and "trained with --env-id CartPole-v1" in result.stderr
         and "Traceback" not in result.stderr
     )
-    result = run_script("ppo.py", "--resume", ckpt, "--total-timesteps", "512", cwd=workdir)
+    result = run_in_process("ppo.py", "--resume", ckpt, "--total-timesteps", "512", cwd=workdir)
     assert result.returncode != 0 and "raise --total-timesteps" in result.stderr
 
 
 def test_same_seed_same_run(workdir):
     returns = []
     for name in ("a", "b"):
-        result = run_script(
+        result = run_in_process(
             "ppo.py", "--total-timesteps", "6144", "--exp-name", name, "--eval-episodes", "0", cwd=workdir
         )
         assert result.returncode == 0, result.stderr
@@ -447,7 +447,7 @@ LEARNING_STEPS, LEARNING_THRESHOLD = 100_000, 150
 
 
 def test_learns_cartpole(workdir):
-    result = run_script(
+    result = run_in_process(
         "ppo.py", "--total-timesteps", str(LEARNING_STEPS), "--seed", "1", "--eval-episodes", "0", cwd=workdir
     )
     assert result.returncode == 0, result.stderr
@@ -460,13 +460,15 @@ def test_mask_velocity_zeroes_the_velocities(workdir):
     mask = ppo.velocity_mask(ppo.Args(env_id="CartPole-v1", mask_velocity=True), space)
     assert mask.tolist() == [1, 0, 1, 0]  # cart velocity and pole angular velocity
     assert ppo.velocity_mask(ppo.Args(env_id="CartPole-v1"), space) is None
-    result = run_script("ppo.py", "--mask-velocity", "--total-timesteps", "512", "--eval-episodes", "2", cwd=workdir)
+    result = run_in_process(
+        "ppo.py", "--mask-velocity", "--total-timesteps", "512", "--eval-episodes", "2", cwd=workdir
+    )
     assert result.returncode == 0, result.stderr
     ckpt = only_run_dir(workdir) / "checkpoint.pt"
     assert torch.load(ckpt, weights_only=True)["args"]["mask_velocity"] is True
-    result = run_script("ppo.py", "--eval-checkpoint", str(ckpt), "--eval-episodes", "1", cwd=workdir)
+    result = run_in_process("ppo.py", "--eval-checkpoint", str(ckpt), "--eval-episodes", "1", cwd=workdir)
     assert result.returncode == 0, result.stderr
-    result = run_script("ppo.py", "--resume", str(ckpt), "--total-timesteps", "1024", cwd=workdir)
+    result = run_in_process("ppo.py", "--resume", str(ckpt), "--total-timesteps", "1024", cwd=workdir)
     assert result.returncode == 2 and "--mask-velocity True" in result.stderr  # resuming repeats the observations
-    result = run_script("ppo.py", "--mask-velocity", "--env-id", "FrozenLake-v1", cwd=workdir)
+    result = run_in_process("ppo.py", "--mask-velocity", "--env-id", "FrozenLake-v1", cwd=workdir)
     assert result.returncode == 2 and "--mask-velocity: no velocity entries known for FrozenLake-v1" in result.stderr

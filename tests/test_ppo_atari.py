@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import ppo_atari
-from tests.conftest import only_run_dir, read_scalars, run_script
+from tests.conftest import only_run_dir, read_scalars, run_in_process, run_script
 
 # ---------------------------------------------------------------- the network
 
@@ -135,7 +135,7 @@ SMALL = ["--num-envs", "4", "--num-steps", "64", "--num-minibatches", "2", "--up
 
 
 def test_train_log_checkpoint_video_eval_resume(workdir):
-    result = run_script(
+    result = run_in_process(
         "ppo_atari.py", "--total-timesteps", "1024", "--eval-episodes", "2", "--capture-video", *SMALL, cwd=workdir
     )
     assert result.returncode == 0, result.stderr
@@ -153,13 +153,13 @@ def test_train_log_checkpoint_video_eval_resume(workdir):
 
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert ckpt["script"] == "ppo_atari.py" and ckpt["global_step"] == 1024 and ckpt["args"]["env_id"] == "Breakout-v5"
-    result = run_script(
+    result = run_in_process(
         "ppo_atari.py", "--eval-checkpoint", str(run_dir / "checkpoint.pt"), "--eval-episodes", "1", cwd=workdir
     )
     assert result.returncode == 0, result.stderr
     assert "over 1 greedy games" in result.stdout and "done:" not in result.stdout
 
-    result = run_script(
+    result = run_in_process(
         "ppo_atari.py",
         "--total-timesteps",
         "1280",
@@ -200,7 +200,7 @@ def test_pong_tracked_to_wandb(workdir):
 def test_same_seed_same_run(workdir):
     runs = []
     for name in ("a", "b"):
-        result = run_script(
+        result = run_in_process(
             "ppo_atari.py", "--total-timesteps", "768", "--exp-name", name, "--eval-episodes", "0", *SMALL, cwd=workdir
         )
         assert result.returncode == 0, result.stderr

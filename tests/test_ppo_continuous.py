@@ -9,7 +9,7 @@ import torch
 
 import ppo_continuous as pc
 import tests.toy_envs  # noqa: F401  (registers the toy envs in this process too)
-from tests.conftest import only_run_dir, read_scalars, run_script
+from tests.conftest import only_run_dir, read_scalars, run_in_process, run_script
 
 
 def test_backend_choice_follows_its_measured_constant():
@@ -206,7 +206,7 @@ PENDULUM = ["--env-id", "Pendulum-v1", "--num-steps", "256", "--num-minibatches"
 
 
 def test_train_log_checkpoint_eval_resume(workdir):
-    result = run_script(
+    result = run_in_process(
         "ppo_continuous.py", *PENDULUM, "--total-timesteps", "1024", "--save-interval", "1", "--eval-episodes", "2",
         cwd=workdir,
     )  # fmt: skip
@@ -228,15 +228,15 @@ def test_train_log_checkpoint_eval_resume(workdir):
     assert ckpt["obs_rms"]["count"] == pytest.approx(1025 + 1e-4) and ckpt["obs_rms"]["mean"].shape == (3,)
     assert ckpt["return_rms"]["count"] == pytest.approx(1019 + 1e-4)
 
-    result = run_script(
+    result = run_in_process(
         "ppo_continuous.py", "--eval-checkpoint", str(run_dir / "checkpoint.pt"), "--eval-episodes", "3", cwd=workdir
     )
     assert result.returncode == 0, result.stderr
     assert "over 3 greedy episodes" in result.stdout and "done:" not in result.stdout  # evaluated, did not train
-    result = run_script("ppo_continuous.py", "--resume", str(run_dir / "checkpoint.pt"), cwd=workdir)
+    result = run_in_process("ppo_continuous.py", "--resume", str(run_dir / "checkpoint.pt"), cwd=workdir)
     assert result.returncode == 2 and "trained with --env-id Pendulum-v1" in result.stderr  # resuming repeats the env
 
-    result = run_script(
+    result = run_in_process(
         "ppo_continuous.py", *PENDULUM, "--total-timesteps", "1536", "--resume", str(run_dir / "checkpoint.pt"),
         "--eval-episodes", "0", cwd=workdir,
     )  # fmt: skip
@@ -256,7 +256,7 @@ def test_train_log_checkpoint_eval_resume(workdir):
 
 def test_box_actions_of_any_shape_and_bounds(workdir):
     # the toy env asserts that every action lies within its bounds: the clipped action reaches it, in its layout
-    result = run_script(
+    result = run_in_process(
         "ppo_continuous.py", *PENDULUM, "--env-id", "tests.toy_envs:BoxActionToy-v0", "--total-timesteps", "512",
         "--eval-episodes", "1", cwd=workdir,
     )  # fmt: skip
@@ -265,7 +265,7 @@ def test_box_actions_of_any_shape_and_bounds(workdir):
 
 
 def test_envpool_backend_on_mujoco(workdir):
-    result = run_script(
+    result = run_in_process(
         "ppo_continuous.py", "--env-backend", "envpool", "--num-envs", "2", "--num-steps", "512",
         "--num-minibatches", "4", "--update-epochs", "1", "--total-timesteps", "2048", "--eval-episodes", "1",
         cwd=workdir,
@@ -285,7 +285,7 @@ def test_track_to_wandb_offline(workdir):
 
 
 def test_capture_video_of_evaluation(workdir):
-    result = run_script(
+    result = run_in_process(
         "ppo_continuous.py", *PENDULUM, "--capture-video", "--total-timesteps", "256", "--eval-episodes", "2",
         cwd=workdir,
     )  # fmt: skip
@@ -295,7 +295,7 @@ def test_capture_video_of_evaluation(workdir):
 
 
 def test_mask_velocity_comes_before_normalisation(workdir):
-    result = run_script(
+    result = run_in_process(
         "ppo_continuous.py", *PENDULUM, "--mask-velocity", "--total-timesteps", "512", "--eval-episodes", "1",
         cwd=workdir,
     )  # fmt: skip
@@ -307,10 +307,10 @@ def test_mask_velocity_comes_before_normalisation(workdir):
 
 
 def test_checkpoint_of_the_other_script_is_refused(workdir):
-    result = run_script("ppo.py", "--total-timesteps", "512", "--eval-episodes", "0", cwd=workdir)
+    result = run_in_process("ppo.py", "--total-timesteps", "512", "--eval-episodes", "0", cwd=workdir)
     assert result.returncode == 0, result.stderr
     ckpt = str(only_run_dir(workdir) / "checkpoint.pt")
-    result = run_script("ppo_continuous.py", "--eval-checkpoint", ckpt, cwd=workdir)
+    result = run_in_process("ppo_continuous.py", "--eval-checkpoint", ckpt, cwd=workdir)
     assert result.returncode != 0 and "written by ppo.py" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -318,7 +318,7 @@ def test_same_seed_same_run(workdir):
     returns = []
     for name in ("a", "b", "c"):
         seed = "2" if name == "c" else "1"
-        result = run_script(
+        result = run_in_process(
             "ppo_continuous.py", "--env-id", "Pendulum-v1", "--total-timesteps", "4096", "--seed", seed,
             "--exp-name", name, "--eval-episodes", "0", cwd=workdir,
         )  # fmt: skip
@@ -342,7 +342,7 @@ LEARNING_STEPS, LEARNING_THRESHOLD = 50_000, 700
 def trained(tmp_path_factory):
     """One InvertedPendulum-v4 run, shared by the tests below: (run folder, training episodic returns)."""
     workdir = tmp_path_factory.mktemp("trained")
-    result = run_script(
+    result = run_in_process(
         "ppo_continuous.py", "--env-id", "InvertedPendulum-v4", "--total-timesteps", str(LEARNING_STEPS),
         "--seed", "1", "--eval-episodes", "0", cwd=workdir,
     )  # fmt: skip
@@ -357,7 +357,9 @@ def test_learns_inverted_pendulum(trained):
 
 
 def eval_return(checkpoint, workdir) -> float:
-    result = run_script("ppo_continuous.py", "--eval-checkpoint", str(checkpoint), "--eval-episodes", "5", cwd=workdir)
+    result = run_in_process(
+        "ppo_continuous.py", "--eval-checkpoint", str(checkpoint), "--eval-episodes", "5", cwd=workdir
+    )
     assert result.returncode == 0, result.stderr
     (line,) = [line for line in result.stdout.splitlines() if line.startswith("eval InvertedPendulum-v4:")]
     return float(line.split(":")[1].split("±")[0])
@@ -375,7 +377,7 @@ def test_eval_checkpoint_reproduces_training_with_the_saved_statistics(trained, 
 
 def test_capture_video_of_a_mujoco_checkpoint(trained, tmp_path):
     run_dir, _ = trained
-    result = run_script(
+    result = run_in_process(
         "ppo_continuous.py", "--eval-checkpoint", str(run_dir / "checkpoint.pt"), "--capture-video",
         "--eval-episodes", "1", cwd=tmp_path,
     )  # fmt: skip

@@ -8,7 +8,7 @@ import torch
 
 import ppo_lstm
 import tests.toy_envs  # noqa: F401  (registers the toy envs in this process too)
-from tests.conftest import only_run_dir, read_scalars, run_script
+from tests.conftest import only_run_dir, read_scalars, run_in_process, run_script
 
 # ---------------------------------------------------------------- sequence replay
 
@@ -269,7 +269,7 @@ SMALL = ["--num-envs", "2", "--num-steps", "64", "--num-minibatches", "2", "--up
 
 def test_the_issue_command(workdir):
     """`python ppo_lstm.py --env-id CartPole-v1 --total-timesteps 5000` just works: trains, logs, saves, evaluates."""
-    result = run_script("ppo_lstm.py", "--env-id", "CartPole-v1", "--total-timesteps", "5000", cwd=workdir)
+    result = run_in_process("ppo_lstm.py", "--env-id", "CartPole-v1", "--total-timesteps", "5000", cwd=workdir)
     assert result.returncode == 0, result.stderr
     run_dir = only_run_dir(workdir)
     scalars = read_scalars(run_dir)
@@ -283,22 +283,22 @@ def test_the_issue_command(workdir):
 
 def test_checkpoint_eval_resume_rebuild_the_network(workdir):
     args = ["--env-id", "CartPole-v1", "--mask-velocity", "--lstm-hidden-size", "32", "--lstm-num-layers", "2", *SMALL]
-    result = run_script("ppo_lstm.py", *args, "--total-timesteps", "256", "--eval-episodes", "0", cwd=workdir)
+    result = run_in_process("ppo_lstm.py", *args, "--total-timesteps", "256", "--eval-episodes", "0", cwd=workdir)
     assert result.returncode == 0, result.stderr
     run_dir = only_run_dir(workdir)
     ckpt_path = str(run_dir / "checkpoint.pt")
     # evaluation takes the env, --mask-velocity and the network from the checkpoint, whatever the flags say
-    result = run_script("ppo_lstm.py", "--eval-checkpoint", ckpt_path, "--eval-episodes", "3", cwd=workdir)
+    result = run_in_process("ppo_lstm.py", "--eval-checkpoint", ckpt_path, "--eval-episodes", "3", cwd=workdir)
     assert result.returncode == 0, result.stderr
     assert "over 3 greedy episodes" in result.stdout and "done:" not in result.stdout
     # resuming must repeat them
     without_lstm_flags = ["--env-id", "CartPole-v1", "--mask-velocity", *SMALL]
-    result = run_script(
+    result = run_in_process(
         "ppo_lstm.py", *without_lstm_flags, "--resume", ckpt_path, "--total-timesteps", "512", cwd=workdir
     )
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "--resume: the checkpoint trained with --lstm-hidden-size 32; pass that" in result.stderr, result.stderr
-    result = run_script(
+    result = run_in_process(
         "ppo_lstm.py", *args, "--total-timesteps", "512", "--resume", ckpt_path, "--eval-episodes", "0", cwd=workdir
     )
     assert result.returncode == 0, result.stderr
@@ -327,7 +327,7 @@ def test_checkpoint_eval_resume_rebuild_the_network(workdir):
     ],
 )
 def test_observation_and_action_spaces(workdir, env_id, extra):
-    result = run_script(
+    result = run_in_process(
         "ppo_lstm.py",
         "--env-id",
         env_id,
@@ -344,7 +344,7 @@ def test_observation_and_action_spaces(workdir, env_id, extra):
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert ckpt["global_step"] == 128 and ("obs_rms" in ckpt) == ("--norm-obs" in extra)
     if "--norm-obs" in extra:  # evaluation reads the normalisation statistics back
-        result = run_script("ppo_lstm.py", "--eval-checkpoint", str(run_dir / "checkpoint.pt"), cwd=workdir)
+        result = run_in_process("ppo_lstm.py", "--eval-checkpoint", str(run_dir / "checkpoint.pt"), cwd=workdir)
         assert result.returncode == 0 and "over 10 greedy episodes" in result.stdout, result.stderr
 
 
@@ -371,7 +371,7 @@ def test_track_and_capture_video(workdir):
 def test_same_seed_same_run(workdir):
     returns = []
     for name in ("a", "b"):
-        result = run_script(
+        result = run_in_process(
             "ppo_lstm.py", "--total-timesteps", "3072", "--exp-name", name, "--eval-episodes", "0", cwd=workdir
         )
         assert result.returncode == 0, result.stderr
@@ -391,7 +391,7 @@ LEARNING_STEPS, LEARNING_THRESHOLD = 30_000, 0.7
 
 
 def test_learns_to_remember_a_cue(workdir):
-    result = run_script(
+    result = run_in_process(
         "ppo_lstm.py",
         "--env-id",
         "tests.toy_envs:CueRecallToy-v0",
