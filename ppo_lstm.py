@@ -50,8 +50,7 @@ class Args:
     seed: int = 1
     """seed of random, numpy, torch and the environments"""
     cuda: bool = False
-    """if toggled, the network trains on the GPU (CUDA) where there is one; pass it for images (a CNN trains faster
-    there), not for vector observations (a small MLP and LSTM train faster on the CPU)"""
+    """if toggled, the network trains on the GPU (CUDA) where there is one: pass it for images, not for vectors"""
     track: bool = False
     """if toggled, log the run to Weights and Biases as well"""
     wandb_project_name: str = "ppo"
