@@ -6,14 +6,23 @@ critic heads (categorical for Discrete, MultiDiscrete and MultiBinary actions, G
 state is carried through the rollout and restarts at each episode's first observation; the training pass replays whole
 env sequences from the state at the start of the rollout, so a minibatch is a set of whole envs. `--mask-velocity`
 hides the velocities of the classic control tasks, which then need the memory. The defaults are CleanRL's
-classic-control settings with a 128-unit LSTM (CleanRL's ppo_atari_lstm.py).
+classic-control settings (ppo.py's) with a 128-unit LSTM (CleanRL's ppo_atari_lstm.py): a recurrent task learns with
+its own settings, as below (RL Zoo's tuned ones, plus reward scaling: see README and `benchmark.sh --preset recurrent`).
 
 Paper: Schulman et al. 2017, "Proximal Policy Optimization Algorithms", https://arxiv.org/abs/1707.06347
 Details: Huang et al. 2022, "The 37 Implementation Details of Proximal Policy Optimization", ICLR blog track.
 
-    python ppo_lstm.py --env-id CartPole-v1 --mask-velocity        # partially observable CartPole, 500k steps
-    python ppo_lstm.py --env-id Breakout-v5 --num-envs 8 --clip-coef 0.1 --total-timesteps 10000000
-    python ppo_lstm.py --env-id Pendulum-v1 --mask-velocity --norm-obs --norm-reward --ent-coef 0
+    python ppo_lstm.py --env-id CartPole-v1 --total-timesteps 5000        # any env: vectors, images, Dicts
+    # partially observable CartPole, 100k steps: a greedy return of 500 (5 seeds of 6; the sixth 468)
+    python ppo_lstm.py --env-id CartPole-v1 --mask-velocity --total-timesteps 100000 --num-envs 8 --num-steps 32 \
+        --num-minibatches 1 --update-epochs 20 --learning-rate 1e-3 --gamma 0.98 --gae-lambda 0.8 --ent-coef 0 \
+        --lstm-hidden-size 64 --norm-obs --norm-reward
+    # partially observable Pendulum, 100k steps: a greedy return of about -200
+    python ppo_lstm.py --env-id Pendulum-v1 --mask-velocity --total-timesteps 100000 --num-envs 4 --num-steps 1024 \
+        --seq-len 64 --num-minibatches 64 --update-epochs 10 --learning-rate 1e-3 --gamma 0.9 --ent-coef 0 \
+        --norm-obs --norm-reward
+    # CleanRL's ppo_atari_lstm.py settings (its Breakout: 129 at 10M; not run here, it needs a GPU)
+    python ppo_lstm.py --env-id Breakout-v5 --num-envs 8 --clip-coef 0.1 --total-timesteps 10000000 --cuda
     python ppo_lstm.py --eval-checkpoint runs/RUN/checkpoint.pt --capture-video
 """
 
@@ -118,6 +127,13 @@ class Args:
     """if toggled, normalise Box observations by their running mean and std (continuous tasks: ppo_continuous.py)"""
     norm_reward: bool = False
     """if toggled, scale rewards by the running std of the discounted return (continuous tasks: ppo_continuous.py)"""
+    gsde: bool = False
+    """if toggled, Box actions explore by gSDE (Raffin et al. 2021): noise linear in the LSTM output, whose random
+    weights stay fixed for --sde-sample-freq steps, so exploration is smooth in time"""
+    sde_sample_freq: int = 0
+    """with --gsde, draw new noise weights every this many steps (0: only at the start of each rollout)"""
+    log_std_init: float = 0.0
+    """the initial log-std of the Gaussian policy (with --gsde: of each noise weight)"""
 
 
 class UserError(Exception):
@@ -186,6 +202,8 @@ def validate_args(args: Args) -> None:
         raise UserError(
             f"--mask-velocity: no velocity entries known for {args.env_id}; it takes {', '.join(VELOCITY_ENTRIES)}"
         )
+    if args.sde_sample_freq < 0 or not abs(args.log_std_init) < np.inf:
+        raise UserError("--sde-sample-freq must be 0 (each rollout's start) or more, --log-std-init a finite number")
 
 
 def gymnasium_has(env_id: str) -> bool:
@@ -285,6 +303,7 @@ def is_image(space: gym.Space) -> bool:
 
 # log sqrt(2 pi), the constant of the Gaussian's log-density and entropy
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+SDE_EPS = 1e-6  # added to gSDE's variance: a latent of zeros would give a std of 0
 
 
 def choose_device(cuda: bool) -> torch.device:
@@ -346,7 +365,15 @@ class Encoder(nn.Module):
 
 
 class Agent(nn.Module):
-    def __init__(self, obs_space: gym.Space, act_space: gym.Space, lstm_hidden_size: int, lstm_num_layers: int):
+    def __init__(
+        self,
+        obs_space: gym.Space,
+        act_space: gym.Space,
+        lstm_hidden_size: int,
+        lstm_num_layers: int,
+        gsde: bool = False,
+        log_std_init: float = 0.0,
+    ):
         super().__init__()
         # A Dict observation gets one encoder per key, concatenated; it arrives flattened (ObsPreparer), keys in order.
         self.dict_obs = isinstance(obs_space, gym.spaces.Dict)
@@ -360,13 +387,15 @@ class Agent(nn.Module):
             else:
                 nn.init.orthogonal_(param, 1.0)
         self.critic = layer_init(nn.Linear(lstm_hidden_size, 1), std=1.0)
-        self.continuous = isinstance(act_space, gym.spaces.Box)
+        self.continuous, self.gsde = isinstance(act_space, gym.spaces.Box), gsde
         if self.continuous:
             # The actor gives the Gaussian's mean; its log-std is one learned number per action dimension, independent
-            # of the state (PPO paper, CleanRL), starting at 0: std 1.
+            # of the state (PPO paper, CleanRL). gSDE learns one per (LSTM output, action) pair instead: the noise is
+            # the LSTM output times weights of these stds (sample_noise), so its std depends on the state.
             self.action_dim = int(np.prod(act_space.shape))
             self.actor = layer_init(nn.Linear(lstm_hidden_size, self.action_dim), std=0.01)
-            self.actor_logstd = nn.Parameter(torch.zeros(1, self.action_dim))
+            rows = lstm_hidden_size if gsde else 1
+            self.actor_logstd = nn.Parameter(torch.full((rows, self.action_dim), float(log_std_init)))
         else:
             nvec = action_nvec(act_space)
             self.action_dim = len(nvec)
@@ -412,17 +441,30 @@ class Agent(nn.Module):
     def get_value(self, x, lstm_state, starts):
         return self.critic(self.get_states(x, lstm_state, starts)[0]).squeeze(-1)
 
-    def get_action_and_value(self, x, lstm_state, starts, action=None, greedy=False):
-        """Returns action, logprob, entropy, value and the state after the step (see get_states)."""
+    def sample_noise(self, num_envs: int, rng: np.random.Generator) -> np.ndarray:
+        """gSDE's noise weights, one matrix per env [envs, hidden, actions], each entry N(0, its std^2)."""
+        std = self.actor_logstd.detach().exp().cpu().numpy()
+        return std * rng.standard_normal((num_envs, *std.shape), dtype=np.float32)
+
+    def get_action_and_value(self, x, lstm_state, starts, action=None, greedy=False, noise=None):
+        """Returns action, logprob, entropy, value and the state after the step (see get_states). With gSDE a sampled
+        action needs noise, the weights of sample_noise."""
         hidden, lstm_state = self.get_states(x, lstm_state, starts)
         value = self.critic(hidden).squeeze(-1)
         if self.continuous:
             # Gaussian maths written out: torch.distributions objects cost more than the network at this size.
-            action_mean, action_std = self.actor(hidden), self.actor_logstd.exp()
-            if action is None:
-                action = action_mean if greedy else action_mean + action_std * torch.randn_like(action_mean)
-            logprob = (-0.5 * ((action - action_mean) / action_std).square() - self.actor_logstd - HALF_LOG_2PI).sum(-1)
-            entropy = (0.5 + HALF_LOG_2PI + self.actor_logstd).sum(-1).expand(len(hidden))
+            action_mean, log_std = self.actor(hidden), self.actor_logstd
+            if self.gsde:  # noise = latent @ weights: Gaussian, variance latent^2 @ std^2 (latent detached, as SB3)
+                latent = hidden.detach()
+                log_std = 0.5 * (latent.square() @ (2 * self.actor_logstd).exp() + SDE_EPS).log()
+            if action is None and greedy:
+                action = action_mean
+            elif action is None and self.gsde:
+                action = action_mean + (latent.unsqueeze(1) @ noise).squeeze(1)
+            elif action is None:
+                action = action_mean + log_std.exp() * torch.randn_like(action_mean)
+            logprob = (-0.5 * ((action - action_mean) / log_std.exp()).square() - log_std - HALF_LOG_2PI).sum(-1)
+            entropy = (0.5 + HALF_LOG_2PI + log_std).sum(-1).expand(len(hidden))
             return action, logprob, entropy, value, lstm_state
         # Categorical maths written out, as in ppo.py.
         logits = self.actor(hidden).view(len(hidden), *self.logits_shape)
@@ -439,13 +481,14 @@ class Agent(nn.Module):
 
 
 def torch_policy(agent: Agent, device: torch.device):
-    """The rollout's sampling by the torch network itself: (obs, state, starts) -> (action, logprob, value, state
-    after the step), NumPy in and out, as numpy_policy."""
+    """The rollout's sampling by the torch network itself: (obs, state, starts, gSDE noise or None) -> (action,
+    logprob, value, state after the step), NumPy in and out, as numpy_policy."""
 
-    def policy(obs, state, starts):
+    def policy(obs, state, starts, noise=None):
         with torch.inference_mode():  # no autograd bookkeeping at all: the fastest mode
             action, logprob, _, value, state = agent.get_action_and_value(
-                *(torch.from_numpy(x).to(device) for x in (obs, state, starts))
+                *(torch.from_numpy(x).to(device) for x in (obs, state, starts)),
+                noise=None if noise is None else torch.from_numpy(noise).to(device),
             )
         return action.cpu().numpy(), logprob.cpu().numpy(), value.cpu().numpy(), torch.stack(state).cpu().numpy()
 
@@ -454,8 +497,8 @@ def torch_policy(agent: Agent, device: torch.device):
 
 def rollout_policy(agent: Agent, rng: np.random.Generator, device: torch.device, probe: tuple):
     """The policy the rollout samples from: numpy_policy on the CPU where it reproduces get_action_and_value on the
-    probe (observations, LSTM states, starts), with the agent's weights and with randomly perturbed ones (a module the
-    mirror does not see may change nothing until it is trained); else the torch network itself."""
+    probe (observations, LSTM states, starts, gSDE noise), with the agent's weights and with randomly perturbed ones
+    (a module the mirror does not see may change nothing until it is trained); else the torch network itself."""
     policy = numpy_policy(agent, rng) if device.type == "cpu" else None
     if policy is not None:
         twin, noise = copy.deepcopy(agent), torch.Generator().manual_seed(0)
@@ -467,7 +510,7 @@ def rollout_policy(agent: Agent, rng: np.random.Generator, device: torch.device,
             for network, mirror in ((agent, policy), (twin, numpy_policy(twin, rng))):
                 action, logprob, value, _ = mirror(*probe)
                 with torch.no_grad():
-                    inputs = map(torch.from_numpy, (*probe, action))
+                    inputs = map(torch.from_numpy, (*probe[:3], action))
                     _, newlogprob, _, newvalue, _ = network.get_action_and_value(*inputs)
                 mismatch = mismatch or rollout_mismatch(newlogprob, logprob, newvalue, value)
         except Exception as e:  # an edited network the mirror cannot even run, e.g. other input sizes
@@ -541,7 +584,8 @@ def numpy_module(module: nn.Module):
 def numpy_policy(agent: Agent, rng: np.random.Generator):
     """The rollout's sampling written in NumPy, derived from the agent's encoders, LSTM and heads: at a few envs a
     torch step is dozens of small ops, each paying its dispatch, and this runs faster per env step. (obs, state,
-    starts) -> (action, logprob, value, state after the step), the state (h, c) stacked [2, layers, envs, hidden];
+    starts, gSDE noise or None) -> (action, logprob, value, state after the step), the state (h, c) stacked
+    [2, layers, envs, hidden];
     None for images (a CNN's maths outweighs the dispatch) or where a module is one this mirror does not know."""
     lstm, image = agent.lstm, any(encoder.image for encoder in agent.encoders)
     if image or type(lstm) is not nn.LSTM or lstm.proj_size or not lstm.bias or lstm.bidirectional:
@@ -559,7 +603,7 @@ def numpy_policy(agent: Agent, rng: np.random.Generator):
         padding = None if agent.logit_padding is None else agent.logit_padding.numpy()
         categories = np.arange(agent.logits_shape[1])  # for the sampled action's log-probability
 
-    def policy(obs, state, starts):
+    def policy(obs, state, starts, noise=None):
         parts = []
         for x, encoder, onehot in zip(np.split(obs, split, axis=1) if agent.dict_obs else [obs], encoders, onehots):
             x = onehot[x.reshape(len(x)).astype(np.int64)] if onehot is not None else x.reshape(len(x), -1)
@@ -576,9 +620,14 @@ def numpy_policy(agent: Agent, rng: np.random.Generator):
             new_state[0, layer], new_state[1, layer] = x, c
         value = critic(x)[:, 0]
         if agent.continuous:
-            noise = rng.standard_normal((len(x), logstd.shape[-1]), dtype=np.float32)
-            logprob = (-0.5 * np.square(noise) - logstd - HALF_LOG_2PI).sum(-1)
-            return actor(x) + np.exp(logstd) * noise, logprob, value, new_state
+            if agent.gsde:
+                std = np.sqrt(np.square(x) @ np.exp(2 * logstd) + SDE_EPS)
+                deviation = np.einsum("bh,bha->ba", x, noise)
+            else:
+                std = np.exp(logstd)
+                deviation = std * rng.standard_normal((len(x), logstd.shape[-1]), dtype=np.float32)
+            logprob = (-0.5 * np.square(deviation / std) - np.log(std) - HALF_LOG_2PI).sum(-1)
+            return actor(x) + deviation, logprob, value, new_state
         logits = actor(x).reshape(len(x), *agent.logits_shape)
         if padding is not None:
             logits = logits + padding
@@ -885,7 +934,8 @@ def main(args: Args) -> None:
         checkpoint = load_checkpoint(args.eval_checkpoint or args.resume, flag, script)
         # The env, its observations and the network are the checkpoint's: evaluation takes them, resuming must repeat
         # them.
-        for key in ("env_id", "mask_velocity", "norm_obs", "norm_reward", "lstm_hidden_size", "lstm_num_layers"):
+        network = ("lstm_hidden_size", "lstm_num_layers", "gsde")
+        for key in ("env_id", "mask_velocity", "norm_obs", "norm_reward", *network):
             value = checkpoint["args"].get(key, False)
             if args.eval_checkpoint:
                 setattr(args, key, value)
@@ -905,7 +955,12 @@ def main(args: Args) -> None:
     if args.eval_checkpoint:
         envs = make_envs(args.env_id, 1, args.seed, backend)
         agent = Agent(
-            envs.single_observation_space, envs.single_action_space, args.lstm_hidden_size, args.lstm_num_layers
+            envs.single_observation_space,
+            envs.single_action_space,
+            args.lstm_hidden_size,
+            args.lstm_num_layers,
+            args.gsde,
+            args.log_std_init,
         ).to(device)
         prepare = ObsPreparer(envs.single_observation_space, args)
         envs.close()
@@ -929,8 +984,16 @@ def main(args: Args) -> None:
     torch.manual_seed(seed)
 
     envs = make_envs(args.env_id, args.num_envs, seed, backend)
-    agent = Agent(envs.single_observation_space, envs.single_action_space, args.lstm_hidden_size, args.lstm_num_layers)
-    agent = agent.to(device)
+    if args.gsde and not isinstance(envs.single_action_space, gym.spaces.Box):
+        raise UserError(f"--gsde explores Box actions; {args.env_id} has {envs.single_action_space}")
+    agent = Agent(
+        envs.single_observation_space,
+        envs.single_action_space,
+        args.lstm_hidden_size,
+        args.lstm_num_layers,
+        args.gsde,
+        args.log_std_init,
+    ).to(device)
     prepare = ObsPreparer(envs.single_observation_space, args)
     return_scaler = ReturnScaler(args.num_envs, args.gamma) if args.norm_reward else None
     if any(encoder.image for encoder in agent.encoders):
@@ -988,7 +1051,8 @@ def main(args: Args) -> None:
     probe_space.seed(seed)
     rng = np.random.default_rng(seed)
     probe_state = rng.standard_normal((2, agent.lstm.num_layers, 64, agent.lstm.hidden_size), dtype=np.float32)
-    probe = (prepare(probe_space.sample(), update=False), probe_state, rng.random(64) < 0.25)
+    probe_noise = agent.sample_noise(64, rng) if agent.gsde else None
+    probe = (prepare(probe_space.sample(), update=False), probe_state, rng.random(64) < 0.25, probe_noise)
     policy = rollout_policy(agent, rng, device, probe)
     lstm_states = np.zeros((args.num_steps, *lstm_state.shape), dtype=np.float32)
     seq_len = args.seq_len or args.num_steps
@@ -1017,7 +1081,11 @@ def main(args: Args) -> None:
             # At step 0, resets[step - 1] is still the previous rollout's last flag.
             starts[step], resets[step] = resets[step - 1], tracker.reset
             lstm_states[step] = lstm_state
-            actions[step], logprobs[step], values[step], lstm_state = policy(obs[step], lstm_state, starts[step])
+            if agent.gsde and step % (args.sde_sample_freq or args.num_steps) == 0:
+                noise = agent.sample_noise(args.num_envs, rng)  # at each rollout's start and every sde_sample_freq
+            actions[step], logprobs[step], values[step], lstm_state = policy(
+                obs[step], lstm_state, starts[step], noise if agent.gsde else None
+            )
 
             next_obs, reward, terminations[step], truncations[step], info = envs.step(
                 to_env_action(actions[step], envs.single_action_space)

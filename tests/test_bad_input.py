@@ -34,6 +34,8 @@ CASES = [
     ("ppo_lstm.py", ["--seq-len", "32", "--num-minibatches", "3"], "does not divide the 16 sequences"),
     ("ppo_lstm.py", ["--seq-len", "100"], "--seq-len 100 does not divide --num-steps 128"),
     ("ppo_lstm.py", ["--lstm-hidden-size", "0"], "--lstm-hidden-size 0 must be positive"),
+    ("ppo_lstm.py", ["--sde-sample-freq", "-1"], "--sde-sample-freq must be 0 (each rollout's start) or more"),
+    ("ppo_lstm.py", ["--gsde"], "--gsde explores Box actions; CartPole-v1 has Discrete(2)"),
     ("ppo_lstm.py", ["--total-timesteps", "100"], "less than one batch"),
     (
         "ppo_lstm.py",

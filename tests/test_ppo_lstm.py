@@ -31,9 +31,9 @@ def test_sequence_segments_by_hand():
     assert len(set(unpad.tolist())) == len(unpad)  # each step has its own slot
 
 
-def make_agent(obs_space, act_space, hidden=16, layers=2, seed=0):
+def make_agent(obs_space, act_space, hidden=16, layers=2, seed=0, gsde=False):
     torch.manual_seed(seed)
-    agent = ppo_lstm.Agent(obs_space, act_space, hidden, layers)
+    agent = ppo_lstm.Agent(obs_space, act_space, hidden, layers, gsde)
     with torch.no_grad():  # larger output weights than the init's, so that the distributions are far from uniform
         agent.actor.weight.normal_(0, 5)
     return agent
@@ -93,7 +93,11 @@ def rollouts(agent, envs, num_steps, iterations, seed):
             obs[step] = next_obs
             starts[step], resets[step] = resets[step - 1], tracker.reset
             lstm_states[step] = lstm_state
-            action, logprobs[step], values[step], lstm_state = policy(obs[step], lstm_state, starts[step])
+            if agent.gsde and step % 4 == 0:  # --sde-sample-freq 4
+                noise = agent.sample_noise(envs.num_envs, rng)
+            action, logprobs[step], values[step], lstm_state = policy(
+                obs[step], lstm_state, starts[step], noise if agent.gsde else None
+            )
             actions.append(action)
             next_obs, reward, terminated, truncated, _ = envs.step(
                 ppo_lstm.to_env_action(actions[-1], envs.single_action_space)
@@ -114,22 +118,23 @@ def rollouts(agent, envs, num_steps, iterations, seed):
 
 
 @pytest.mark.parametrize(
-    "env_id",
+    "env_id, gsde",
     [
-        "CartPole-v1",  # terminations, early on every ~20 steps
-        "tests.toy_envs:BoxActionToy-v0",  # Gaussian actions, truncated every 16 steps
-        "tests.toy_envs:MultiDiscreteToy-v0",
-        "tests.toy_envs:DictImageToy-v0",  # Dict of an image, a vector and a Discrete entry
+        ("CartPole-v1", False),  # terminations, early on every ~20 steps
+        ("tests.toy_envs:BoxActionToy-v0", False),  # Gaussian actions, truncated every 16 steps
+        ("tests.toy_envs:BoxActionToy-v0", True),  # gSDE: the noise depends on the state
+        ("tests.toy_envs:MultiDiscreteToy-v0", False),
+        ("tests.toy_envs:DictImageToy-v0", False),  # Dict of an image, a vector and a Discrete entry
     ],
 )
 @pytest.mark.parametrize("seq_len", [40, 10])
-def test_first_epoch_ratio_is_exactly_one(env_id, seq_len):
+def test_first_epoch_ratio_is_exactly_one(env_id, gsde, seq_len):
     """Replaying a rollout (the second one: its initial state is not zeros) in sequences of seq_len steps, each from
     the state stored at its first step, recomputes its log-probabilities and values: before any update, the ratio
     of every transition of a minibatch (as main builds it: the sequences of env 1, or 3 sequences at any times) is 1."""
     num_steps, num_envs = 40, 3
     envs = ppo_lstm.make_envs(env_id, num_envs, 1, "gymnasium")
-    agent = make_agent(envs.single_observation_space, envs.single_action_space)
+    agent = make_agent(envs.single_observation_space, envs.single_action_space, gsde=gsde)
     batch = rollouts(agent, envs, num_steps, iterations=2, seed=1)
     envs.close()
     assert batch["starts"].any() and not batch["transition"].all()  # episodes begin and end inside the rollout
@@ -150,26 +155,35 @@ def test_first_epoch_ratio_is_exactly_one(env_id, seq_len):
     torch.testing.assert_close(newvalue[keep], batch["values"][mb_inds][keep], rtol=1e-5, atol=1e-5)
 
 
+DISCRETE_4 = gym.spaces.Discrete(4)
+
+
 @pytest.mark.parametrize(
-    "obs_space, act_space",
+    "obs_space, act_space, gsde",
     [
-        (gym.spaces.Box(-1, 1, (2, 3)), gym.spaces.MultiDiscrete([3, 2])),  # flattened, ragged categorical
-        (gym.spaces.Discrete(5), gym.spaces.MultiBinary(3)),  # one-hot
-        (gym.spaces.Dict({"a": gym.spaces.Box(-1, 1, (2,)), "b": gym.spaces.Discrete(3)}), gym.spaces.Discrete(4)),
-        (gym.spaces.Box(-1, 1, (4,)), gym.spaces.Box(-2, 2, (2,))),  # Gaussian
+        (gym.spaces.Box(-1, 1, (2, 3)), gym.spaces.MultiDiscrete([3, 2]), False),  # flattened, ragged categorical
+        (gym.spaces.Discrete(5), gym.spaces.MultiBinary(3), False),  # one-hot
+        (
+            gym.spaces.Dict({"a": gym.spaces.Box(-1, 1, (2,)), "b": gym.spaces.Discrete(3)}),
+            gym.spaces.Discrete(4),
+            False,
+        ),
+        (gym.spaces.Box(-1, 1, (4,)), gym.spaces.Box(-2, 2, (2,)), False),  # Gaussian
+        (gym.spaces.Box(-1, 1, (4,)), gym.spaces.Box(-2, 2, (2,)), True),  # gSDE
     ],
 )
-def test_numpy_rollout_policy_matches_torch(obs_space, act_space):
+def test_numpy_rollout_policy_matches_torch(obs_space, act_space, gsde):
     """The rollout's NumPy policy (vector observations) gives the log-probability, value and next LSTM state that the
     torch network gives for its sampled action, through two LSTM layers and an episode start."""
-    agent = make_agent(obs_space, act_space)
+    agent = make_agent(obs_space, act_space, gsde=gsde)
+    noise = agent.sample_noise(8, np.random.default_rng(2)) if gsde else None
     policy = ppo_lstm.numpy_policy(agent, np.random.default_rng(0))
     prepare = ppo_lstm.ObsPreparer(obs_space, ppo_lstm.Args())
     obs_space.seed(0)
     obs = prepare(gym.vector.utils.batch_space(obs_space, 8).sample())
     state = np.random.default_rng(1).standard_normal((2, 2, 8, 16)).astype(np.float32)
     starts = np.arange(8) % 3 == 0
-    action, logprob, value, next_state = policy(obs, state, starts)
+    action, logprob, value, next_state = policy(obs, state, starts, noise)
     with torch.no_grad():
         _, t_logprob, _, t_value, t_state = agent.get_action_and_value(
             torch.from_numpy(obs), torch.from_numpy(state), torch.from_numpy(starts), torch.from_numpy(action)
@@ -178,7 +192,9 @@ def test_numpy_rollout_policy_matches_torch(obs_space, act_space):
     np.testing.assert_allclose(value, t_value.numpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(next_state, torch.stack(t_state).numpy(), rtol=1e-4, atol=1e-5)
     assert logprob.std() > 0.1  # far from a uniform policy
-    without_starts = policy(obs, state, np.zeros(8, dtype=bool))[3]  # the restart at starts changed those envs' state
+    without_starts = policy(obs, state, np.zeros(8, dtype=bool), noise)[
+        3
+    ]  # the restart at starts changed those envs' state
     assert (
         np.abs(without_starts - next_state)[:, :, starts].min() > 0
         and (without_starts == next_state)[:, :, ~starts].all()
@@ -259,6 +275,28 @@ def test_gaussian_head():
     assert clipped.min() == -2 and clipped.max() == 2  # the env gets the sample clipped to its bounds
 
 
+def test_gsde_head():
+    """gSDE: the sampled action is the mean plus the LSTM output times the env's noise weights; its log-probability and
+    entropy are those of the Gaussian this sampling draws from (checked against the spread of 4000 samples of one
+    state), and the greedy action is the mean."""
+    agent = make_agent(gym.spaces.Box(-1, 1, (3,)), gym.spaces.Box(-2, 2, (2,)), gsde=True)
+    assert agent.actor_logstd.shape == (16, 2)  # one log-std per (LSTM output, action) pair
+    obs, state, starts = torch.randn(1, 3).expand(4000, 3), agent.initial_state(4000), torch.zeros(4000, dtype=bool)
+    noise = agent.sample_noise(4000, np.random.default_rng(0))
+    with torch.no_grad():
+        action, logprob, entropy, _, _ = agent.get_action_and_value(obs, state, starts, noise=torch.from_numpy(noise))
+        latent = agent.get_states(obs, state, starts)[0]
+        mean = agent.actor(latent)
+        torch.testing.assert_close(agent.get_action_and_value(obs, state, starts, greedy=True)[0], mean)
+    torch.testing.assert_close(action, mean + torch.einsum("bh,bha->ba", latent, torch.from_numpy(noise)))
+    std = (latent.square() @ agent.actor_logstd.detach().exp().square() + ppo_lstm.SDE_EPS).sqrt()
+    dist = torch.distributions.Normal(mean, std)
+    torch.testing.assert_close(logprob, dist.log_prob(action).sum(-1))
+    torch.testing.assert_close(entropy, dist.entropy().sum(-1))
+    spread = (action - mean).std(0) / std[0]
+    assert ((spread - 1).abs() < 0.05).all(), spread
+
+
 # ---------------------------------------------------------------- the script, run as a user runs it
 
 LOSS_KEYS = ["value_loss", "policy_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac", "explained_variance"]
@@ -319,6 +357,7 @@ def test_checkpoint_eval_resume_rebuild_the_network(workdir):
         ("tests.toy_envs:ImageObsToy-v0", []),
         ("tests.toy_envs:DictImageToy-v0", []),
         ("tests.toy_envs:BoxActionToy-v0", ["--norm-obs", "--norm-reward"]),
+        ("tests.toy_envs:BoxActionToy-v0", ["--gsde", "--sde-sample-freq", "4", "--log-std-init", "-1", "--norm-obs"]),
         ("Pendulum-v1", ["--mask-velocity", "--norm-obs", "--norm-reward"]),
         ("InvertedPendulum-v4", ["--norm-obs", "--norm-reward"]),  # MuJoCo
         ("CartPole-v1", ["--env-backend", "envpool", "--mask-velocity"]),
