@@ -8,6 +8,7 @@ Details: Huang et al. 2022, "The 37 Implementation Details of Proximal Policy Op
 
     python ppo.py                                             # CartPole-v1, 500k steps
     python ppo.py --env-id Acrobot-v1 --seed 2 --track        # log to wandb as well
+    python ppo.py --env-id Taxi-v4                            # its info["action_mask"] is obeyed (--no-action-mask)
     python ppo.py --eval-checkpoint runs/RUN/checkpoint.pt --capture-video
 """
 
@@ -64,6 +65,9 @@ class Args:
     # Algorithm specific arguments
     env_id: str = "CartPole-v1"
     """the id of the environment: an envpool id, a gymnasium id, or `module:EnvId-v0` for your own"""
+    action_mask: bool = True
+    """if toggled, actions the env masks out (its info["action_mask"], e.g. Taxi's) get probability 0: never sampled,
+    in no log-probability or entropy (--no-action-mask: ignore the mask)"""
     mask_velocity: bool = False
     """if toggled, zero the velocities observed in CartPole, Pendulum, Acrobot, MountainCar(Continuous), LunarLander"""
     env_backend: Literal["auto", "envpool", "gymnasium"] = "auto"
@@ -252,6 +256,7 @@ class Agent(nn.Module):
             self.obs_onehot, obs_dim = 0, int(np.prod(obs_space.shape))
         else:
             raise UserError(f"ppo.py handles Box and Discrete observations, not {obs_space}")
+        self.obs_cols = 1 if self.obs_onehot else obs_dim  # the columns of an observation before any action mask
         nvec = action_nvec(act_space)
         self.critic = nn.Sequential(
             layer_init(nn.Linear(obs_dim, 64)),
@@ -272,19 +277,34 @@ class Agent(nn.Module):
         self.logits_shape = (len(nvec), int(nvec.max()))
         padding = torch.arange(self.logits_shape[1]) >= torch.as_tensor(nvec)[:, None]
         self.register_buffer("logit_padding", padding.float() * -1e8 if padding.any() else None)
+        # An env's action mask is flat over the components; mask_slots are its entries' places in the logits table.
+        self.register_buffer("mask_slots", torch.nonzero(~padding.view(-1)).squeeze(1), persistent=False)
 
     def features(self, x):
-        return F.one_hot(x.long(), self.obs_onehot).float() if self.obs_onehot else x.flatten(1)
+        x = x.reshape(len(x), -1)[:, : self.obs_cols]  # without the action mask ObsPreparer may append
+        return F.one_hot(x[:, 0].long(), self.obs_onehot).float() if self.obs_onehot else x
+
+    def allowed(self, x):
+        """The [batch, components, max size] table of the actions the env allows, from the flat action mask
+        ObsPreparer appends to the observations; None where there is none."""
+        x = x.reshape(len(x), -1)
+        if x.shape[1] == self.obs_cols:
+            return None
+        table = torch.zeros(len(x), self.logits_shape[0] * self.logits_shape[1], dtype=torch.bool, device=x.device)
+        table[:, self.mask_slots] = x[:, self.obs_cols :] > 0.5
+        return table.view(len(x), *self.logits_shape)
 
     def get_value(self, x):
         return self.critic(self.features(x)).squeeze(-1)
 
     def get_action_and_value(self, x, action=None, greedy=False):
         # Categorical maths written out: torch.distributions objects cost more than the network at this size.
-        x = self.features(x)
+        allowed, x = self.allowed(x), self.features(x)
         logits = self.actor(x).view(len(x), *self.logits_shape)
         if self.logit_padding is not None:
             logits = logits + self.logit_padding
+        if allowed is not None:  # as the padding: a masked action's probability is exactly 0 in float32
+            logits = logits.masked_fill(~allowed, -1e8)
         logp = logits.log_softmax(-1)
         if action is None:
             # Gumbel-max: argmax(logp + Gumbel noise) samples the categorical, in fewer ops than torch.multinomial
@@ -341,12 +361,18 @@ def numpy_policy(agent: Agent, rng: np.random.Generator):
     onehot = np.eye(agent.obs_onehot, dtype=np.float32) if agent.obs_onehot else None
     padding = None if agent.logit_padding is None else agent.logit_padding.numpy()
     categories = np.arange(agent.logits_shape[1])  # for the sampled action's log-probability
+    cols, slots, table_size = agent.obs_cols, agent.mask_slots.cpu().numpy(), int(np.prod(agent.logits_shape))
 
     def policy(obs):
-        x = onehot[obs.astype(np.int64)] if agent.obs_onehot else obs.reshape(len(obs), -1)
+        obs = obs.reshape(len(obs), -1)
+        x = onehot[obs[:, 0].astype(np.int64)] if agent.obs_onehot else obs[:, :cols]
         logits = actor(x).reshape(len(x), *agent.logits_shape)
         if padding is not None:
             logits = logits + padding
+        if obs.shape[1] > cols:  # an action mask follows the observation (Agent.allowed)
+            allowed = np.zeros((len(x), table_size), dtype=bool)
+            allowed[:, slots] = obs[:, cols:] > 0.5
+            logits = np.where(allowed.reshape(logits.shape), logits, np.float32(-1e8))
         logits = logits - logits.max(-1, keepdims=True)
         logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
         action = (logp - np.log(rng.standard_exponential(logp.shape, dtype=np.float32))).argmax(-1)
@@ -502,28 +528,41 @@ class Progress:
 
 
 class ObsPreparer:
-    """Env observations -> what the agent sees and the rollout stores: velocities zeroed (--mask-velocity), float32."""
+    """Env observations -> what the agent sees and the rollout stores: velocities zeroed (--mask-velocity), float32,
+    and where the env gives an action mask (info["action_mask"], flat over the components as gymnasium's and SB3's),
+    that mask appended: stored and replayed with its observation, it gives the update the rollout's distribution."""
 
-    def __init__(self, space: gym.Space, args: Args):
+    def __init__(self, space: gym.Space, args: Args, action_space: gym.Space):
         self.velocity_mask = velocity_mask(args, space)
+        self.use_mask, self.mask_size = args.action_mask, int(action_nvec(action_space).sum())
+        self.masked = None  # whether the env gives masks: its first observations (a reset) tell
 
-    def __call__(self, obs, update: bool = True) -> np.ndarray:
+    def __call__(self, obs, info: dict, update: bool = True) -> np.ndarray:
         """update=False freezes any statistics the preparation keeps (evaluation)."""
         if self.velocity_mask is not None:
             obs = obs * self.velocity_mask
-        return obs.astype(np.float32, copy=False)
+        obs = obs.astype(np.float32, copy=False)
+        if self.masked is None:
+            self.masked = self.use_mask and "action_mask" in info
+        if not self.masked:
+            return obs
+        mask = np.array(info["action_mask"], dtype=np.float32).reshape(len(obs), -1)
+        if mask.shape[1] != self.mask_size:
+            raise UserError(f"the env's action mask has {mask.shape[1]} entries for {self.mask_size} actions")
+        mask[~info.get("_action_mask", np.ones(len(obs), dtype=bool))] = 1  # no mask at this step: all allowed
+        return np.concatenate([obs.reshape(len(obs), -1), mask], axis=1)
 
 
 def evaluate(agent: Agent, prepare: ObsPreparer, envs, num_episodes: int, seed: int) -> list:
     """Real episodic returns of num_episodes played with the greedy policy (the most likely action), the observations
     prepared as in training, with any statistics frozen."""
-    next_obs = prepare(envs.reset(seed=seed)[0], update=False)
+    next_obs = prepare(*envs.reset(seed=seed), update=False)
     tracker, returns, device = EpisodeTracker(envs.num_envs), [], next(agent.parameters()).device
     while len(returns) < num_episodes:
         with torch.no_grad():
             action = agent.get_action_and_value(torch.from_numpy(next_obs).to(device), greedy=True)[0].cpu().numpy()
-        next_obs, reward, terminated, truncated, _ = envs.step(to_env_action(action, envs.single_action_space))
-        next_obs = prepare(next_obs, update=False)
+        next_obs, reward, terminated, truncated, info = envs.step(to_env_action(action, envs.single_action_space))
+        next_obs = prepare(next_obs, info, update=False)
         returns += [episode_return for episode_return, _ in tracker.step(reward, terminated, truncated)]
     return returns[:num_episodes]
 
@@ -616,7 +655,7 @@ def main(args: Args) -> None:
     if args.eval_checkpoint:
         envs = make_envs(args.env_id, 1, args.seed, backend)
         agent = Agent(envs.single_observation_space, envs.single_action_space).to(device)
-        prepare = ObsPreparer(envs.single_observation_space, args)
+        prepare = ObsPreparer(envs.single_observation_space, args, envs.single_action_space)
         envs.close()
         load_agent(agent, checkpoint, "--eval-checkpoint")
         video_folder = os.path.join(os.path.dirname(args.eval_checkpoint), "videos") if args.capture_video else None
@@ -637,7 +676,10 @@ def main(args: Args) -> None:
 
     envs = make_envs(args.env_id, args.num_envs, seed, backend)
     agent = Agent(envs.single_observation_space, envs.single_action_space).to(device)
-    prepare = ObsPreparer(envs.single_observation_space, args)
+    prepare = ObsPreparer(envs.single_observation_space, args, envs.single_action_space)
+    # The agent sees, and the rollout stores, each observation prepared once, as the envs return it: the same numbers
+    # serve the policy, the stored batch and next_value.
+    next_obs = prepare(*envs.reset(seed=seed))
     # Fused Adam: one kernel for every parameter instead of a loop of small ones (README, Speed).
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
     if checkpoint:
@@ -667,7 +709,7 @@ def main(args: Args) -> None:
     )
 
     # Rollout storage, [num_steps, num_envs, ...]; actions as [.., components] category indices
-    obs_shape = envs.single_observation_space.shape
+    obs_shape = next_obs.shape[1:]
     obs = np.zeros((args.num_steps, args.num_envs, *obs_shape), dtype=np.float32)
     actions = np.zeros((args.num_steps, args.num_envs, agent.logits_shape[0]), dtype=np.int64)
     logprobs = np.zeros((args.num_steps, args.num_envs), dtype=np.float32)
@@ -680,13 +722,12 @@ def main(args: Args) -> None:
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
     tracker, recent_returns = EpisodeTracker(args.num_envs), deque(maxlen=100)
     progress = Progress(args.total_timesteps, global_step)
-    # The agent sees, and the rollout stores, each observation prepared once, as the envs return it: the same numbers
-    # serve the policy, the stored batch and next_value.
-    next_obs = prepare(envs.reset(seed=seed)[0])
-    obs_space = envs.single_observation_space
+    obs_space, rng = envs.single_observation_space, np.random.default_rng(seed)
     obs_space.seed(seed)
     probe = np.stack([obs_space.sample() for _ in range(64)]).astype(np.float32)
-    policy = rollout_policy(agent, np.random.default_rng(seed), device, probe)
+    if prepare.masked:  # with random action masks appended, as ObsPreparer appends the env's
+        probe = np.concatenate([probe.reshape(64, -1), rng.random((64, prepare.mask_size)) < 0.7], 1, dtype=np.float32)
+    policy = rollout_policy(agent, rng, device, probe)
     start_time, start_step = time.time(), global_step
 
     for iteration in range(start_iteration, num_iterations + 1):
@@ -701,10 +742,10 @@ def main(args: Args) -> None:
             resets[step] = tracker.reset
             actions[step], logprobs[step], values[step] = policy(obs[step])
 
-            next_obs, reward, terminations[step], truncations[step], _ = envs.step(
+            next_obs, reward, terminations[step], truncations[step], info = envs.step(
                 to_env_action(actions[step], envs.single_action_space)
             )
-            next_obs = prepare(next_obs)
+            next_obs = prepare(next_obs, info)
             rewards[step] = reward
             for episode_return, episode_length in tracker.step(reward, terminations[step], truncations[step]):
                 recent_returns.append(episode_return)

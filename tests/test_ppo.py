@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 import ppo
-import tests.toy_envs  # noqa: F401  (registers the toy envs in this process too)
+import tests.toy_envs  # registers the toy envs in this process too
 from tests.conftest import only_run_dir, read_scalars, run_in_process, run_script
 
 GAMMA, LAM = 0.9, 0.8
@@ -166,6 +166,49 @@ def test_sampling_follows_the_policy_and_skips_padding(sampler):
     for component, p in enumerate(probs):
         freq = np.bincount(action[:, component], minlength=len(p)) / len(action)
         np.testing.assert_allclose(freq, p, atol=0.015)
+
+
+def test_masked_actions_get_probability_zero():
+    """With an action mask appended to the observations (ObsPreparer), the torch network and the NumPy rollout never
+    sample a masked action, give the same log-probabilities, and the entropy is that of the allowed actions only."""
+    torch.manual_seed(0)
+    obs_space, act_space = gym.spaces.Box(-1, 1, (3,)), gym.spaces.MultiDiscrete([4, 3])
+    agent = ppo.Agent(obs_space, act_space)
+    with torch.no_grad():
+        agent.actor[-1].weight.mul_(30)
+    rng = np.random.default_rng(0)
+    obs = rng.uniform(-1, 1, (4000, 3)).astype(np.float32)
+    mask = rng.random((4000, 7)) < 0.5
+    mask[:, [0, 4]] = True  # one action allowed in each component at least
+    x = np.concatenate([obs, mask], 1, dtype=np.float32)
+    numpy_action, numpy_logprob, numpy_value = ppo.numpy_policy(agent, np.random.default_rng(1))(x)
+    torch_action, _, entropy, value = agent.get_action_and_value(torch.from_numpy(x))
+    for action in (numpy_action, torch_action.numpy()):
+        assert mask[np.arange(4000)[:, None], action + [0, 4]].all()  # never a masked action
+    _, logprob, _, _ = agent.get_action_and_value(torch.from_numpy(x), torch.from_numpy(numpy_action))
+    np.testing.assert_allclose(numpy_logprob, logprob.detach().numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(numpy_value, value.detach().numpy(), rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # the entropy of the logits renormalised over the allowed actions
+        logits = agent.actor(torch.from_numpy(obs)).view(-1, 2, 4)  # the [components, max size] table
+        parts = (logits[:, 0, :4], logits[:, 1, :3])
+        expected = sum(
+            torch.distributions.Categorical(logits=part.masked_fill(~allowed, -torch.inf)).entropy()
+            for part, allowed in zip(parts, torch.from_numpy(mask).split([4, 3], 1))
+        )
+    torch.testing.assert_close(entropy.detach(), expected, rtol=1e-4, atol=1e-5)
+    assert not torch.equal(entropy.detach(), agent.get_action_and_value(torch.from_numpy(obs))[2].detach())
+
+
+def test_an_env_action_mask_is_obeyed(workdir):
+    """Training and evaluation on an env whose mask changes every step: no masked action is ever taken (the guard
+    checks that the update saw the rollout's masks); with --no-action-mask they are taken."""
+    args = ["--env-id", "tests.toy_envs:MaskedToy-v0", "--total-timesteps", "2048", "--eval-episodes", "3"]
+    tests.toy_envs.MaskedToy.violations = 0
+    result = run_in_process("ppo.py", *args, cwd=workdir)
+    assert result.returncode == 0 and "note:" not in result.stdout, result.stdout + result.stderr
+    assert tests.toy_envs.MaskedToy.violations == 0
+    result = run_in_process("ppo.py", *args, "--no-action-mask", cwd=workdir)
+    assert result.returncode == 0 and tests.toy_envs.MaskedToy.violations > 100
 
 
 def test_greedy_takes_the_most_likely_action():

@@ -112,7 +112,35 @@ class NaNObsToy(MatchEnv):
         return np.full(5, np.nan, np.float32) if self.steps >= 40 else super()._obs()
 
 
-for _cls in (MultiDiscreteToy, MultiBinaryToy, OffsetDiscreteToy, DictObsToy, BoxActionToy, NaNObsToy):
+class MaskedToy(MatchEnv):
+    """MultiDiscrete [4, 3] actions under a random action mask per step (info["action_mask"], flat over the components,
+    at least one action allowed in each); the target is always allowed. A masked action counts in `violations` (of
+    every instance in the process) instead of failing, so that a run with --no-action-mask shows them."""
+
+    violations = 0
+
+    def target_sizes(self):
+        self.action_space = gym.spaces.MultiDiscrete([4, 3])
+        return self.action_space.nvec
+
+    def _masked(self, obs):
+        mask = self.np_random.random(self.nvec.sum()) < 0.5
+        mask[np.cumsum(self.nvec) - self.nvec + self.target] = True
+        self.mask = mask.astype(np.int8)
+        return obs, {"action_mask": self.mask}
+
+    def reset(self, *, seed=None, options=None):
+        return self._masked(super().reset(seed=seed)[0])
+
+    def step(self, action):
+        flat = np.cumsum(self.nvec) - self.nvec + np.asarray(action)
+        MaskedToy.violations += int((self.mask[flat] == 0).any())
+        obs, reward, terminated, truncated, _ = super().step(action)
+        obs, info = self._masked(obs)
+        return obs, reward, terminated, truncated, info
+
+
+for _cls in (MultiDiscreteToy, MultiBinaryToy, OffsetDiscreteToy, DictObsToy, BoxActionToy, NaNObsToy, MaskedToy):
     gym.register(id=f"{_cls.__name__}-v0", entry_point=f"{__name__}:{_cls.__name__}", max_episode_steps=16)
 
 
