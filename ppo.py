@@ -208,6 +208,14 @@ def make_envs(env_id: str, num_envs: int, seed: int, backend: str, video_folder:
     return gym.vector.SyncVectorEnv([make_env] * num_envs, autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
 
 
+def observed_space(space: gym.Space) -> gym.Space:
+    """The observations the network sees: a Dict of an "observation" and an "action_mask" (PettingZoo's and AgileRL's
+    convention for masked actions) is its "observation"; any other space is itself."""
+    if isinstance(space, gym.spaces.Dict) and set(space) == {"observation", "action_mask"}:
+        return space["observation"]
+    return space
+
+
 def velocity_mask(args: Args, obs_space: gym.Space) -> np.ndarray | None:
     """With --mask-velocity, the factor that zeroes the velocity entries of an observation (a partially observable
     task, for comparison with ppo_lstm.py); None otherwise."""
@@ -250,6 +258,7 @@ def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
 class Agent(nn.Module):
     def __init__(self, obs_space: gym.Space, act_space: gym.Space):
         super().__init__()
+        obs_space = observed_space(obs_space)
         if isinstance(obs_space, gym.spaces.Discrete):
             self.obs_onehot, obs_dim = int(obs_space.n), int(obs_space.n)
         elif isinstance(obs_space, gym.spaces.Box):
@@ -529,16 +538,19 @@ class Progress:
 
 class ObsPreparer:
     """Env observations -> what the agent sees and the rollout stores: velocities zeroed (--mask-velocity), float32,
-    and where the env gives an action mask (info["action_mask"], flat over the components as gymnasium's and SB3's),
-    that mask appended: stored and replayed with its observation, it gives the update the rollout's distribution."""
+    and where the env gives an action mask (info["action_mask"] or a Dict observation's, see observed_space; flat
+    over the components as gymnasium's and SB3's), that mask appended: stored and replayed with its observation, it
+    gives the update the rollout's distribution."""
 
     def __init__(self, space: gym.Space, args: Args, action_space: gym.Space):
-        self.velocity_mask = velocity_mask(args, space)
+        self.velocity_mask = velocity_mask(args, observed_space(space))
         self.use_mask, self.mask_size = args.action_mask, int(action_nvec(action_space).sum())
         self.masked = None  # whether the env gives masks: its first observations (a reset) tell
 
     def __call__(self, obs, info: dict, update: bool = True) -> np.ndarray:
         """update=False freezes any statistics the preparation keeps (evaluation)."""
+        if isinstance(obs, dict):  # a Dict of an observation and its action mask (observed_space)
+            obs, info = obs["observation"], {"action_mask": obs["action_mask"]}
         if self.velocity_mask is not None:
             obs = obs * self.velocity_mask
         obs = obs.astype(np.float32, copy=False)
@@ -722,7 +734,7 @@ def main(args: Args) -> None:
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
     tracker, recent_returns = EpisodeTracker(args.num_envs), deque(maxlen=100)
     progress = Progress(args.total_timesteps, global_step)
-    obs_space, rng = envs.single_observation_space, np.random.default_rng(seed)
+    obs_space, rng = observed_space(envs.single_observation_space), np.random.default_rng(seed)
     obs_space.seed(seed)
     probe = np.stack([obs_space.sample() for _ in range(64)]).astype(np.float32)
     if prepare.masked:  # with random action masks appended, as ObsPreparer appends the env's

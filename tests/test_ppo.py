@@ -199,10 +199,11 @@ def test_masked_actions_get_probability_zero():
     assert not torch.equal(entropy.detach(), agent.get_action_and_value(torch.from_numpy(obs))[2].detach())
 
 
-def test_an_env_action_mask_is_obeyed(workdir):
+@pytest.mark.parametrize("env", ["MaskedToy", "MaskedDictToy"])  # the mask in info, or in a Dict observation
+def test_an_env_action_mask_is_obeyed(workdir, env):
     """Training and evaluation on an env whose mask changes every step: no masked action is ever taken (the guard
     checks that the update saw the rollout's masks); with --no-action-mask they are taken."""
-    args = ["--env-id", "tests.toy_envs:MaskedToy-v0", "--total-timesteps", "2048", "--eval-episodes", "3"]
+    args = ["--env-id", f"tests.toy_envs:{env}-v0", "--total-timesteps", "2048", "--eval-episodes", "3"]
     tests.toy_envs.MaskedToy.violations = 0
     result = run_in_process("ppo.py", *args, cwd=workdir)
     assert result.returncode == 0 and "note:" not in result.stdout, result.stdout + result.stderr

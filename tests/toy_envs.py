@@ -140,7 +140,21 @@ class MaskedToy(MatchEnv):
         return obs, reward, terminated, truncated, info
 
 
-for _cls in (MultiDiscreteToy, MultiBinaryToy, OffsetDiscreteToy, DictObsToy, BoxActionToy, NaNObsToy, MaskedToy):
+class MaskedDictToy(MaskedToy):
+    """MaskedToy with the mask in the observation, PettingZoo's way: {"observation": ..., "action_mask": ...}."""
+
+    def __init__(self):
+        super().__init__()
+        mask_space = gym.spaces.MultiBinary(int(self.nvec.sum()))
+        self.observation_space = gym.spaces.Dict({"observation": self.observation_space, "action_mask": mask_space})
+
+    def _masked(self, obs):
+        obs, info = super()._masked(obs)
+        return {"observation": obs, "action_mask": info["action_mask"]}, {}
+
+
+toys = (MultiDiscreteToy, MultiBinaryToy, OffsetDiscreteToy, DictObsToy, BoxActionToy, NaNObsToy, MaskedToy)
+for _cls in (*toys, MaskedDictToy):
     gym.register(id=f"{_cls.__name__}-v0", entry_point=f"{__name__}:{_cls.__name__}", max_episode_steps=16)
 
 
