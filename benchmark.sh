@@ -58,6 +58,9 @@ CARTPOLE_LSTM="$CARTPOLE_NOVEL --lstm-hidden-size 64 --norm-obs --norm-reward"
 PENDULUM_LSTM="$PENDULUM_NOVEL --seq-len 64 --norm-obs --norm-reward"
 LUNARLANDER_LSTM="$LUNARLANDER_NOVEL --seq-len 64 --norm-obs --norm-reward"
 MOUNTAINCAR_LSTM="$MOUNTAINCAR_NOVEL --gsde --norm-obs --norm-reward"
+# CarRacing (pixels, Box actions): RL Zoo's settings, but 4 epochs instead of 20, at 100k steps instead of 4M (the
+# machine's budget: ~200 steps/s on 2 cores), envpool's env (gymnasium's steps ~10x slower at 8 envs).
+CARRACING_LSTM="--env-backend envpool --num-envs 8 --num-steps 512 --seq-len 128 --num-minibatches 32 --update-epochs 4 --learning-rate 3e-5 --gamma 0.99 --gae-lambda 0.9 --ent-coef 0 --clip-coef 0.4 --gsde --sde-sample-freq 4 --log-std-init -2 --eval-episodes 3"
 
 # One run spec per line: task | script | env id | total steps | MPI ranks (0: no mpiexec) | flags
 case $preset in
@@ -87,7 +90,8 @@ Pendulum-v1 velocity masked|ppo_continuous.py|Pendulum-v1|100000|0|$PENDULUM_NOV
 LunarLander-v3 velocity masked|ppo_lstm.py|LunarLander-v3|1000000|0|$LUNARLANDER_LSTM
 LunarLander-v3 velocity masked|ppo.py|LunarLander-v3|1000000|0|$LUNARLANDER_NOVEL
 MountainCarContinuous-v0 velocity masked|ppo_lstm.py|MountainCarContinuous-v0|300000|0|$MOUNTAINCAR_LSTM
-MountainCarContinuous-v0 velocity masked|ppo_continuous.py|MountainCarContinuous-v0|300000|0|$MOUNTAINCAR_NOVEL" ;;
+MountainCarContinuous-v0 velocity masked|ppo_continuous.py|MountainCarContinuous-v0|300000|0|$MOUNTAINCAR_NOVEL
+CarRacing-v3|ppo_lstm.py|CarRacing-v3|100000|0|$CARRACING_LSTM" ;;
   mpi) specs="
 CartPole-v1|ppo_mpi.py|CartPole-v1|500000|1|
 CartPole-v1|ppo_mpi.py|CartPole-v1|500000|2|

@@ -121,6 +121,9 @@ class Args:
     """the number of units of the LSTM (its hidden and cell state)"""
     lstm_num_layers: int = 1
     """the number of stacked LSTM layers"""
+    action_mask: bool = True
+    """if toggled, actions the env masks out (its info["action_mask"], e.g. Taxi's) get probability 0: never sampled,
+    in no log-probability or entropy (--no-action-mask: ignore the mask)"""
     mask_velocity: bool = False
     """if toggled, zero the velocities observed in CartPole, Pendulum, Acrobot, MountainCar(Continuous), LunarLander"""
     norm_obs: bool = False
@@ -267,6 +270,14 @@ def make_envs(env_id: str, num_envs: int, seed: int, backend: str, video_folder:
     return gym.vector.SyncVectorEnv([make_env] * num_envs, autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
 
 
+def observed_space(space: gym.Space) -> gym.Space:
+    """The observations the network sees: a Dict of an "observation" and an "action_mask" (PettingZoo's and AgileRL's
+    convention for masked actions) is its "observation"; any other space is itself."""
+    if isinstance(space, gym.spaces.Dict) and set(space) == {"observation", "action_mask"}:
+        return space["observation"]
+    return space
+
+
 def velocity_mask(args: Args, obs_space: gym.Space) -> np.ndarray | None:
     """With --mask-velocity, the factor that zeroes the velocity entries of an observation (a partially observable
     task, for comparison with ppo_lstm.py); None otherwise."""
@@ -375,11 +386,13 @@ class Agent(nn.Module):
         log_std_init: float = 0.0,
     ):
         super().__init__()
+        obs_space = observed_space(obs_space)
         # A Dict observation gets one encoder per key, concatenated; it arrives flattened (ObsPreparer), keys in order.
         self.dict_obs = isinstance(obs_space, gym.spaces.Dict)
         self.obs_spaces = list(obs_space.values()) if self.dict_obs else [obs_space]
         self.encoders = nn.ModuleList(Encoder(space) for space in self.obs_spaces)
         self.obs_sizes = [int(np.prod(space.shape)) for space in self.obs_spaces]
+        self.obs_cols = sum(self.obs_sizes)  # the columns of an observation before any action mask
         self.lstm = nn.LSTM(sum(e.out_dim for e in self.encoders), lstm_hidden_size, lstm_num_layers)
         for name, param in self.lstm.named_parameters():  # as CleanRL's ppo_atari_lstm.py
             if "bias" in name:
@@ -405,6 +418,8 @@ class Agent(nn.Module):
             self.logits_shape = (len(nvec), int(nvec.max()))
             padding = torch.arange(self.logits_shape[1]) >= torch.as_tensor(nvec)[:, None]
             self.register_buffer("logit_padding", padding.float() * -1e8 if padding.any() else None)
+            # An env's action mask is flat over the components; mask_slots are its entries' places in the logits table.
+            self.register_buffer("mask_slots", torch.nonzero(~padding.view(-1)).squeeze(1), persistent=False)
 
     def initial_state(self, num_envs: int) -> tuple:
         """The LSTM state (h, c) of num_envs envs before their first step: zeros, [layers, envs, hidden size]."""
@@ -413,6 +428,9 @@ class Agent(nn.Module):
         return torch.zeros(shape, device=device), torch.zeros(shape, device=device)
 
     def encode(self, x):
+        if x.dim() == 2 and x.shape[1] > self.obs_cols:  # without the action mask ObsPreparer appended (allowed)
+            x = x[:, : self.obs_cols]
+            x = x if self.dict_obs else x.reshape(len(x), *self.obs_spaces[0].shape)
         if not self.dict_obs:
             return self.encoders[0](x)
         parts = x.split(self.obs_sizes, dim=1)
@@ -437,6 +455,15 @@ class Agent(nn.Module):
         keep = resume.view(1, -1, 1).float()
         hidden, _ = self.lstm(features[pad_inds], (h[:, seg_env] * keep, c[:, seg_env] * keep))
         return hidden.flatten(0, 1)[unpad], None
+
+    def allowed(self, x):
+        """The [batch, components, max size] table of the actions the env allows, from the flat action mask
+        ObsPreparer appends to vector observations; None where there is none."""
+        if self.continuous or x.dim() != 2 or x.shape[1] == self.obs_cols:
+            return None
+        table = torch.zeros(len(x), self.logits_shape[0] * self.logits_shape[1], dtype=torch.bool, device=x.device)
+        table[:, self.mask_slots] = x[:, self.obs_cols :] > 0.5
+        return table.view(len(x), *self.logits_shape)
 
     def get_value(self, x, lstm_state, starts):
         return self.critic(self.get_states(x, lstm_state, starts)[0]).squeeze(-1)
@@ -470,6 +497,9 @@ class Agent(nn.Module):
         logits = self.actor(hidden).view(len(hidden), *self.logits_shape)
         if self.logit_padding is not None:
             logits = logits + self.logit_padding
+        allowed = self.allowed(x)
+        if allowed is not None:  # as the padding: a masked action's probability is exactly 0 in float32
+            logits = logits.masked_fill(~allowed, -1e8)
         logp = logits.log_softmax(-1)
         if action is None:
             # Gumbel-max: argmax(logp + Gumbel noise) samples the categorical, in fewer ops than torch.multinomial
@@ -603,7 +633,15 @@ def numpy_policy(agent: Agent, rng: np.random.Generator):
         padding = None if agent.logit_padding is None else agent.logit_padding.numpy()
         categories = np.arange(agent.logits_shape[1])  # for the sampled action's log-probability
 
+    cols, shape = agent.obs_cols, agent.obs_spaces[0].shape
+    if not agent.continuous:
+        slots, table_size = agent.mask_slots.cpu().numpy(), int(np.prod(agent.logits_shape))
+
     def policy(obs, state, starts, noise=None):
+        flat_mask = None
+        if obs.ndim == 2 and obs.shape[1] > cols:  # an action mask follows the observation (Agent.allowed)
+            obs, flat_mask = obs[:, :cols], obs[:, cols:]
+            obs = obs if agent.dict_obs else obs.reshape(len(obs), *shape)
         parts = []
         for x, encoder, onehot in zip(np.split(obs, split, axis=1) if agent.dict_obs else [obs], encoders, onehots):
             x = onehot[x.reshape(len(x)).astype(np.int64)] if onehot is not None else x.reshape(len(x), -1)
@@ -631,6 +669,10 @@ def numpy_policy(agent: Agent, rng: np.random.Generator):
         logits = actor(x).reshape(len(x), *agent.logits_shape)
         if padding is not None:
             logits = logits + padding
+        if flat_mask is not None:
+            allowed = np.zeros((len(x), table_size), dtype=bool)
+            allowed[:, slots] = flat_mask > 0.5
+            logits = np.where(allowed.reshape(logits.shape), logits, np.float32(-1e8))
         logits = logits - logits.max(-1, keepdims=True)
         logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
         action = (logp - np.log(rng.standard_exponential(logp.shape, dtype=np.float32))).argmax(-1)
@@ -793,9 +835,15 @@ class ReturnScaler(RunningMeanStd):
 class ObsPreparer:
     """Env observations -> what the agent sees and the rollout stores: a Dict's entries flattened into one float32
     vector per env (the Agent splits it again), velocities zeroed (--mask-velocity), normalised (--norm-obs); images
-    stay uint8, everything else becomes float32."""
+    stay uint8, everything else becomes float32. Where the env gives an action mask (info["action_mask"] or a Dict
+    observation's, see observed_space; flat over the components), it is appended to vector observations: stored and
+    replayed with them, it gives the update the rollout's distribution."""
 
-    def __init__(self, space: gym.Space, args: Args):
+    def __init__(self, space: gym.Space, args: Args, action_space: gym.Space):
+        self.mask_in_obs, space = observed_space(space) is not space, observed_space(space)
+        discrete = not isinstance(action_space, gym.spaces.Box)
+        self.use_mask, self.mask_size = args.action_mask and discrete, int(discrete and action_nvec(action_space).sum())
+        self.masked = None  # whether the env gives masks: its first observations (a reset) tell
         self.keys = list(space) if isinstance(space, gym.spaces.Dict) else None
         self.dtype = np.uint8 if is_image(space) else np.float32
         self.velocity_mask = velocity_mask(args, space)
@@ -803,15 +851,28 @@ class ObsPreparer:
             raise UserError(f"--norm-obs normalises Box observations other than images, not {space}")
         self.obs_norm = ObsNormalizer(space.shape) if args.norm_obs else None
 
-    def __call__(self, obs, update: bool = True) -> np.ndarray:
+    def __call__(self, obs, info: dict, update: bool = True) -> np.ndarray:
         """update=False freezes the normalisation statistics (evaluation)."""
+        if self.mask_in_obs:
+            obs, info = obs["observation"], {"action_mask": obs["action_mask"]}
         if self.keys:
             obs = np.concatenate([np.reshape(obs[k], (len(obs[k]), -1)) for k in self.keys], 1)
         if self.velocity_mask is not None:
             obs = obs * self.velocity_mask
         if self.obs_norm:
             obs = self.obs_norm(obs, update)
-        return obs.astype(self.dtype, copy=False)
+        obs = obs.astype(self.dtype, copy=False)
+        if self.masked is None:
+            self.masked = self.use_mask and "action_mask" in info
+            if self.masked and self.dtype == np.uint8:
+                raise UserError("action masks are taken with vector observations, not images: pass --no-action-mask")
+        if not self.masked:
+            return obs
+        mask = np.array(info["action_mask"], dtype=np.float32).reshape(len(obs), -1)
+        if mask.shape[1] != self.mask_size:
+            raise UserError(f"the env's action mask has {mask.shape[1]} entries for {self.mask_size} actions")
+        mask[~info.get("_action_mask", np.ones(len(obs), dtype=bool))] = 1  # no mask at this step: all allowed
+        return np.concatenate([obs.reshape(len(obs), -1), mask], axis=1)
 
 
 class Progress:
@@ -841,7 +902,7 @@ def evaluate(agent: Agent, prepare: ObsPreparer, envs, num_episodes: int, seed: 
     """Real episodic returns of num_episodes played with the greedy policy (the most likely action, or the Gaussian's
     mean), the LSTM state carried from step to step and restarted at each episode's first observation (for Atari,
     at each life's), and for Atari the real scores of whole games."""
-    next_obs = prepare(envs.reset(seed=seed)[0], update=False)
+    next_obs = prepare(*envs.reset(seed=seed), update=False)
     lstm_state, start = agent.initial_state(envs.num_envs), np.zeros(envs.num_envs, dtype=bool)
     tracker, games, returns = EpisodeTracker(envs.num_envs), EpisodeTracker(envs.num_envs), []
     device = next(agent.parameters()).device
@@ -853,7 +914,7 @@ def evaluate(agent: Agent, prepare: ObsPreparer, envs, num_episodes: int, seed: 
         start = tracker.reset  # after a reset step comes an episode's first step
         action = to_env_action(action.cpu().numpy(), envs.single_action_space)
         next_obs, reward, terminated, truncated, info = envs.step(action)
-        next_obs = prepare(next_obs, update=False)
+        next_obs = prepare(next_obs, info, update=False)
         ended = tracker.step(reward, terminated, truncated)
         if atari:
             ended = games.step(info["reward"], info["terminated"].astype(bool), truncated)
@@ -962,7 +1023,7 @@ def main(args: Args) -> None:
             args.gsde,
             args.log_std_init,
         ).to(device)
-        prepare = ObsPreparer(envs.single_observation_space, args)
+        prepare = ObsPreparer(envs.single_observation_space, args, envs.single_action_space)
         envs.close()
         load_agent(agent, checkpoint, "--eval-checkpoint")
         if prepare.obs_norm:
@@ -994,7 +1055,7 @@ def main(args: Args) -> None:
         args.gsde,
         args.log_std_init,
     ).to(device)
-    prepare = ObsPreparer(envs.single_observation_space, args)
+    prepare = ObsPreparer(envs.single_observation_space, args, envs.single_action_space)
     return_scaler = ReturnScaler(args.num_envs, args.gamma) if args.norm_reward else None
     if any(encoder.image for encoder in agent.encoders):
         torch.set_num_threads(cores)  # convolutions use every core well (README, ppo_lstm.py's speed)
@@ -1032,7 +1093,7 @@ def main(args: Args) -> None:
 
     # Rollout storage, [num_steps, num_envs, ...]: observations as ObsPreparer gives them, actions as [.., components]
     # category indices or Gaussian samples. starts marks each episode's first observation, where the LSTM restarts.
-    next_obs = prepare(envs.reset(seed=seed)[0])
+    next_obs = prepare(*envs.reset(seed=seed))
     obs = np.zeros((args.num_steps, *next_obs.shape), dtype=next_obs.dtype)
     action_dtype = np.float32 if agent.continuous else np.int64
     actions = np.zeros((args.num_steps, args.num_envs, agent.action_dim), dtype=action_dtype)
@@ -1052,7 +1113,9 @@ def main(args: Args) -> None:
     rng = np.random.default_rng(seed)
     probe_state = rng.standard_normal((2, agent.lstm.num_layers, 64, agent.lstm.hidden_size), dtype=np.float32)
     probe_noise = agent.sample_noise(64, rng) if agent.gsde else None
-    probe = (prepare(probe_space.sample(), update=False), probe_state, rng.random(64) < 0.25, probe_noise)
+    probe_info = {"action_mask": rng.random((64, prepare.mask_size)) < 0.7}  # used where the env gives masks
+    probe_obs = prepare(probe_space.sample(), probe_info, update=False)
+    probe = (probe_obs, probe_state, rng.random(64) < 0.25, probe_noise)
     policy = rollout_policy(agent, rng, device, probe)
     lstm_states = np.zeros((args.num_steps, *lstm_state.shape), dtype=np.float32)
     seq_len = args.seq_len or args.num_steps
@@ -1090,7 +1153,7 @@ def main(args: Args) -> None:
             next_obs, reward, terminations[step], truncations[step], info = envs.step(
                 to_env_action(actions[step], envs.single_action_space)
             )
-            next_obs = prepare(next_obs)
+            next_obs = prepare(next_obs, info)
             rewards[step] = return_scaler(reward, resets[step]) if return_scaler else reward
             ended = tracker.step(reward, terminations[step], truncations[step])
             if games:

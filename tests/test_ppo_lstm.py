@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import ppo_lstm
-import tests.toy_envs  # noqa: F401  (registers the toy envs in this process too)
+import tests.toy_envs  # registers the toy envs in this process too
 from tests.conftest import only_run_dir, read_scalars, run_in_process, run_script
 
 # ---------------------------------------------------------------- sequence replay
@@ -73,8 +73,8 @@ def test_replay_matches_the_lstm_run_episode_by_episode():
 def rollouts(agent, envs, num_steps, iterations, seed):
     """main's rollout loop, with the same storage and state bookkeeping; returns the last rollout's batch as main
     builds it, with the LSTM state before each step."""
-    prepare = ppo_lstm.ObsPreparer(envs.single_observation_space, ppo_lstm.Args())
-    next_obs = prepare(envs.reset(seed=seed)[0])
+    prepare = ppo_lstm.ObsPreparer(envs.single_observation_space, ppo_lstm.Args(), envs.single_action_space)
+    next_obs = prepare(*envs.reset(seed=seed))
     obs = np.zeros((num_steps, *next_obs.shape), dtype=next_obs.dtype)
     logprobs, values = (
         np.zeros((num_steps, envs.num_envs), np.float32),
@@ -99,10 +99,10 @@ def rollouts(agent, envs, num_steps, iterations, seed):
                 obs[step], lstm_state, starts[step], noise if agent.gsde else None
             )
             actions.append(action)
-            next_obs, reward, terminated, truncated, _ = envs.step(
+            next_obs, reward, terminated, truncated, info = envs.step(
                 ppo_lstm.to_env_action(actions[-1], envs.single_action_space)
             )
-            next_obs = prepare(next_obs)
+            next_obs = prepare(next_obs, info)
             tracker.step(reward, terminated, truncated)
     batch_size = num_steps * envs.num_envs
     batch = {
@@ -124,6 +124,7 @@ def rollouts(agent, envs, num_steps, iterations, seed):
         ("tests.toy_envs:BoxActionToy-v0", False),  # Gaussian actions, truncated every 16 steps
         ("tests.toy_envs:BoxActionToy-v0", True),  # gSDE: the noise depends on the state
         ("tests.toy_envs:MultiDiscreteToy-v0", False),
+        ("tests.toy_envs:MaskedToy-v0", False),  # an action mask that changes every step
         ("tests.toy_envs:DictImageToy-v0", False),  # Dict of an image, a vector and a Discrete entry
     ],
 )
@@ -155,32 +156,29 @@ def test_first_epoch_ratio_is_exactly_one(env_id, gsde, seq_len):
     torch.testing.assert_close(newvalue[keep], batch["values"][mb_inds][keep], rtol=1e-5, atol=1e-5)
 
 
-DISCRETE_4 = gym.spaces.Discrete(4)
+MASKED_SPACES = [  # observations, actions, gSDE, an action mask
+    (gym.spaces.Box(-1, 1, (2, 3)), gym.spaces.MultiDiscrete([3, 2]), False, False),  # flattened, ragged categorical
+    (gym.spaces.Box(-1, 1, (2, 3)), gym.spaces.MultiDiscrete([3, 2]), False, True),  # with an action mask
+    (gym.spaces.Discrete(5), gym.spaces.MultiBinary(3), False, False),  # one-hot
+    (gym.spaces.Discrete(5), gym.spaces.Discrete(5), False, True),  # one-hot, with an action mask
+    (gym.spaces.Dict({"a": gym.spaces.Box(-1, 1, (2,)), "b": gym.spaces.Discrete(3)}), gym.spaces.Discrete(4), 0, 0),
+    (gym.spaces.Box(-1, 1, (4,)), gym.spaces.Box(-2, 2, (2,)), False, False),  # Gaussian
+    (gym.spaces.Box(-1, 1, (4,)), gym.spaces.Box(-2, 2, (2,)), True, False),  # gSDE
+]
 
 
-@pytest.mark.parametrize(
-    "obs_space, act_space, gsde",
-    [
-        (gym.spaces.Box(-1, 1, (2, 3)), gym.spaces.MultiDiscrete([3, 2]), False),  # flattened, ragged categorical
-        (gym.spaces.Discrete(5), gym.spaces.MultiBinary(3), False),  # one-hot
-        (
-            gym.spaces.Dict({"a": gym.spaces.Box(-1, 1, (2,)), "b": gym.spaces.Discrete(3)}),
-            gym.spaces.Discrete(4),
-            False,
-        ),
-        (gym.spaces.Box(-1, 1, (4,)), gym.spaces.Box(-2, 2, (2,)), False),  # Gaussian
-        (gym.spaces.Box(-1, 1, (4,)), gym.spaces.Box(-2, 2, (2,)), True),  # gSDE
-    ],
-)
-def test_numpy_rollout_policy_matches_torch(obs_space, act_space, gsde):
+@pytest.mark.parametrize("obs_space, act_space, gsde, masked", MASKED_SPACES)
+def test_numpy_rollout_policy_matches_torch(obs_space, act_space, gsde, masked):
     """The rollout's NumPy policy (vector observations) gives the log-probability, value and next LSTM state that the
     torch network gives for its sampled action, through two LSTM layers and an episode start."""
     agent = make_agent(obs_space, act_space, gsde=gsde)
     noise = agent.sample_noise(8, np.random.default_rng(2)) if gsde else None
     policy = ppo_lstm.numpy_policy(agent, np.random.default_rng(0))
-    prepare = ppo_lstm.ObsPreparer(obs_space, ppo_lstm.Args())
+    prepare = ppo_lstm.ObsPreparer(obs_space, ppo_lstm.Args(), act_space)
     obs_space.seed(0)
-    obs = prepare(gym.vector.utils.batch_space(obs_space, 8).sample())
+    nvec_sum = int(ppo_lstm.action_nvec(act_space).sum()) if masked else 0
+    masks = {"action_mask": np.random.default_rng(3).random((8, nvec_sum)) < 0.6} if masked else {}
+    obs = prepare(gym.vector.utils.batch_space(obs_space, 8).sample(), masks)
     state = np.random.default_rng(1).standard_normal((2, 2, 8, 16)).astype(np.float32)
     starts = np.arange(8) % 3 == 0
     action, logprob, value, next_state = policy(obs, state, starts, noise)
@@ -247,17 +245,32 @@ def test_dict_observations_get_one_encoder_per_key():
     agent = make_agent(space, gym.spaces.Discrete(2))
     samples = [space.sample() for _ in range(4)]
     batched = {k: np.stack([s[k] for s in samples]) for k in space}
-    flat = torch.from_numpy(ppo_lstm.ObsPreparer(space, ppo_lstm.Args())(batched))
+    flat = torch.from_numpy(ppo_lstm.ObsPreparer(space, ppo_lstm.Args(), gym.spaces.Discrete(2))(batched, {}))
     assert flat.dtype == torch.float32 and flat.shape == (4, 36 * 36 * 3 + 1 + 2)
     by_key = [e(torch.as_tensor(batched[k])) for e, k in zip(agent.encoders, space)]
     torch.testing.assert_close(agent.encode(flat), torch.cat(by_key, 1))
 
 
 def test_mask_velocity_zeroes_velocities():
-    prepare = ppo_lstm.ObsPreparer(gym.spaces.Box(-1, 1, (4,)), ppo_lstm.Args(env_id="CartPole-v1", mask_velocity=True))
-    np.testing.assert_array_equal(prepare(np.ones((2, 4), np.float32)), [[1, 0, 1, 0]] * 2)
-    prepare = ppo_lstm.ObsPreparer(gym.spaces.Box(-1, 1, (3,)), ppo_lstm.Args(env_id="Pendulum-v1", mask_velocity=True))
-    np.testing.assert_array_equal(prepare(np.full((1, 3), 2, np.float32)), [[2, 2, 0]])
+    args = ppo_lstm.Args(env_id="CartPole-v1", mask_velocity=True)
+    prepare = ppo_lstm.ObsPreparer(gym.spaces.Box(-1, 1, (4,)), args, gym.spaces.Discrete(2))
+    np.testing.assert_array_equal(prepare(np.ones((2, 4), np.float32), {}), [[1, 0, 1, 0]] * 2)
+    args = ppo_lstm.Args(env_id="Pendulum-v1", mask_velocity=True)
+    prepare = ppo_lstm.ObsPreparer(gym.spaces.Box(-1, 1, (3,)), args, gym.spaces.Box(-2, 2, (1,)))
+    np.testing.assert_array_equal(prepare(np.full((1, 3), 2, np.float32), {}), [[2, 2, 0]])
+
+
+@pytest.mark.parametrize("env", ["MaskedToy", "MaskedDictToy"])  # the mask in info, or in a Dict observation
+def test_an_env_action_mask_is_obeyed(workdir, env):
+    """ppo.py's action masking with memory: training and evaluation never take a masked action (the guard checks that
+    the replay saw the rollout's masks); with --no-action-mask they are taken."""
+    args = ["--env-id", f"tests.toy_envs:{env}-v0", "--total-timesteps", "1024", "--eval-episodes", "3", *SMALL]
+    tests.toy_envs.MaskedToy.violations = 0
+    result = run_in_process("ppo_lstm.py", *args, cwd=workdir)
+    assert result.returncode == 0 and "note:" not in result.stdout, result.stdout + result.stderr
+    assert tests.toy_envs.MaskedToy.violations == 0
+    result = run_in_process("ppo_lstm.py", *args, "--no-action-mask", cwd=workdir)
+    assert result.returncode == 0 and tests.toy_envs.MaskedToy.violations > 50
 
 
 def test_gaussian_head():
