@@ -79,6 +79,9 @@ class Args:
     # Algorithm specific arguments
     env_id: str = "CartPole-v1"
     """the id of the environment: an envpool id, a gymnasium id, or `module:EnvId-v0` for your own"""
+    action_mask: bool = True
+    """if toggled, actions the env masks out (its info["action_mask"], e.g. Taxi's) get probability 0: never sampled,
+    in no log-probability or entropy (--no-action-mask: ignore the mask)"""
     mask_velocity: bool = False
     """if toggled, zero the velocities observed in CartPole, Pendulum, Acrobot, MountainCar(Continuous), LunarLander"""
     env_backend: Literal["auto", "envpool", "gymnasium"] = "auto"
@@ -224,6 +227,14 @@ def make_envs(env_id: str, num_envs: int, seed: int, backend: str, video_folder:
     return gym.vector.SyncVectorEnv([make_env] * num_envs, autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
 
 
+def observed_space(space: gym.Space) -> gym.Space:
+    """The observations the network sees: a Dict of an "observation" and an "action_mask" (PettingZoo's and AgileRL's
+    convention for masked actions) is its "observation"; any other space is itself."""
+    if isinstance(space, gym.spaces.Dict) and set(space) == {"observation", "action_mask"}:
+        return space["observation"]
+    return space
+
+
 def velocity_mask(args: Args, obs_space: gym.Space) -> np.ndarray | None:
     """With --mask-velocity, the factor that zeroes the velocity entries of an observation (a partially observable
     task, for comparison with ppo_lstm.py); None otherwise."""
@@ -276,6 +287,7 @@ class Agent(nn.Module):
 
     def __init__(self, obs_space: gym.Space, act_space: gym.Space):
         super().__init__()
+        obs_space = observed_space(obs_space)
         self.continuous = isinstance(act_space, gym.spaces.Box)
         # Box-action tasks normalise their observations by running statistics: those must be Box.
         if isinstance(obs_space, gym.spaces.Discrete) and not self.continuous:
@@ -286,6 +298,7 @@ class Agent(nn.Module):
             raise UserError(
                 f"ppo_mpi.py handles Box observations, and Discrete ones with discrete actions, not {obs_space}"
             )
+        self.obs_cols = 1 if self.obs_onehot else obs_dim  # the columns of an observation before any action mask
         if self.continuous:
             # the Gaussian's mean, one number per action dimension
             self.action_size = num_outputs = int(np.prod(act_space.shape))
@@ -315,16 +328,29 @@ class Agent(nn.Module):
         else:
             padding = torch.arange(self.logits_shape[1]) >= torch.as_tensor(nvec)[:, None]
             self.register_buffer("logit_padding", padding.float() * -1e8 if padding.any() else None)
+            # An env's action mask is flat over the components; mask_slots are its entries' places in the logits table.
+            self.register_buffer("mask_slots", torch.nonzero(~padding.view(-1)).squeeze(1), persistent=False)
 
     def features(self, x):
-        return F.one_hot(x.long(), self.obs_onehot).float() if self.obs_onehot else x.flatten(1)
+        x = x.reshape(len(x), -1)[:, : self.obs_cols]  # without the action mask ObsPreparer may append
+        return F.one_hot(x[:, 0].long(), self.obs_onehot).float() if self.obs_onehot else x
+
+    def allowed(self, x):
+        """The [batch, components, max size] table of the actions the env allows, from the flat action mask
+        ObsPreparer appends to the observations; None where there is none."""
+        x = x.reshape(len(x), -1)
+        if x.shape[1] == self.obs_cols:
+            return None
+        table = torch.zeros(len(x), self.logits_shape[0] * self.logits_shape[1], dtype=torch.bool, device=x.device)
+        table[:, self.mask_slots] = x[:, self.obs_cols :] > 0.5
+        return table.view(len(x), *self.logits_shape)
 
     def get_value(self, x):
         return self.critic(self.features(x)).squeeze(-1)
 
     def get_action_and_value(self, x, action=None, greedy=False):
         # Distributions' maths written out: torch.distributions objects cost more than the network at this size.
-        x = self.features(x)
+        allowed, x = None if self.continuous else self.allowed(x), self.features(x)
         if self.continuous:
             action_mean, action_std = self.actor(x), self.actor_logstd.exp()
             if action is None:
@@ -335,6 +361,8 @@ class Agent(nn.Module):
             logits = self.actor(x).view(len(x), *self.logits_shape)
             if self.logit_padding is not None:
                 logits = logits + self.logit_padding
+            if allowed is not None:  # as the padding: a masked action's probability is exactly 0 in float32
+                logits = logits.masked_fill(~allowed, -1e8)
             logp = logits.log_softmax(-1)
             if action is None:
                 # Gumbel-max: argmax(logp + Gumbel noise) samples the categorical, in fewer ops than torch.multinomial
@@ -394,9 +422,12 @@ def numpy_policy(agent: Agent, rng: np.random.Generator):
     else:
         padding = None if agent.logit_padding is None else agent.logit_padding.numpy()
         categories = np.arange(agent.logits_shape[1])  # for the sampled action's log-probability
+        slots, table_size = agent.mask_slots.cpu().numpy(), int(np.prod(agent.logits_shape))
+    cols = agent.obs_cols
 
     def policy(obs):
-        x = onehot[obs.astype(np.int64)] if agent.obs_onehot else obs.reshape(len(obs), -1)
+        obs = obs.reshape(len(obs), -1)
+        x = onehot[obs[:, 0].astype(np.int64)] if agent.obs_onehot else obs[:, :cols]
         if agent.continuous:
             noise = rng.standard_normal((len(x), logstd.shape[-1]), dtype=np.float32)
             action = actor(x) + np.exp(logstd) * noise
@@ -406,6 +437,10 @@ def numpy_policy(agent: Agent, rng: np.random.Generator):
             logits = actor(x).reshape(len(x), *agent.logits_shape)
             if padding is not None:
                 logits = logits + padding
+            if obs.shape[1] > cols:  # an action mask follows the observation (Agent.allowed)
+                allowed = np.zeros((len(x), table_size), dtype=bool)
+                allowed[:, slots] = obs[:, cols:] > 0.5
+                logits = np.where(allowed.reshape(logits.shape), logits, np.float32(-1e8))
             logits = logits - logits.max(-1, keepdims=True)
             logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
             action = (logp - np.log(rng.standard_exponential(logp.shape, dtype=np.float32))).argmax(-1)
@@ -724,22 +759,52 @@ class Progress:
             self.bar.close()
 
 
+class ObsPreparer:
+    """Env observations -> what the agent sees and the rollout stores: velocities zeroed (--mask-velocity), float32,
+    and where the env gives an action mask (info["action_mask"] or a Dict observation's, see observed_space; flat
+    over the components as gymnasium's and SB3's), that mask appended: stored and replayed with its observation, it
+    gives the update the rollout's distribution."""
+
+    def __init__(self, space: gym.Space, args: Args, action_space: gym.Space):
+        self.velocity_mask = velocity_mask(args, observed_space(space))
+        discrete = not isinstance(action_space, gym.spaces.Box)
+        self.use_mask, self.mask_size = args.action_mask and discrete, int(discrete and action_nvec(action_space).sum())
+        self.masked = None  # whether the env gives masks: its first observations (a reset) tell
+
+    def __call__(self, obs, info: dict, update: bool = True) -> np.ndarray:
+        """update=False freezes any statistics the preparation keeps (evaluation)."""
+        if isinstance(obs, dict):  # a Dict of an observation and its action mask (observed_space)
+            obs, info = obs["observation"], {"action_mask": obs["action_mask"]}
+        if self.velocity_mask is not None:
+            obs = obs * self.velocity_mask
+        obs = obs.astype(np.float32, copy=False)
+        if self.masked is None:
+            self.masked = self.use_mask and "action_mask" in info
+        if not self.masked:
+            return obs
+        mask = np.array(info["action_mask"], dtype=np.float32).reshape(len(obs), -1)
+        if mask.shape[1] != self.mask_size:
+            raise UserError(f"the env's action mask has {mask.shape[1]} entries for {self.mask_size} actions")
+        mask[~info.get("_action_mask", np.ones(len(obs), dtype=bool))] = 1  # no mask at this step: all allowed
+        return np.concatenate([obs.reshape(len(obs), -1), mask], axis=1)
+
+
 def evaluate(
-    agent: Agent, obs_norm: ObsNormalizer | None, envs, num_episodes: int, seed: int, obs_mask: np.ndarray | None = None
+    agent: Agent, prepare: ObsPreparer, obs_norm: ObsNormalizer | None, envs, num_episodes: int, seed: int
 ) -> list:
     """Real episodic returns of num_episodes played with the greedy policy (the most likely action, or the mean
-    action), the observations normalised by the training statistics, frozen, where the task has them."""
-    next_obs, _ = envs.reset(seed=seed)
+    action), the observations prepared as in training and normalised by the training statistics, frozen, where the
+    task has them."""
+    next_obs = prepare(*envs.reset(seed=seed), update=False)
     tracker, returns, device = EpisodeTracker(envs.num_envs), [], next(agent.parameters()).device
     while len(returns) < num_episodes:
-        if obs_mask is not None:
-            next_obs = next_obs * obs_mask
         if obs_norm is not None:
             next_obs = obs_norm(next_obs, update=False)
         with torch.no_grad():
             x = torch.as_tensor(next_obs, dtype=torch.float32, device=device)
             action = agent.get_action_and_value(x, greedy=True)[0].cpu().numpy()
-        next_obs, reward, terminated, truncated, _ = envs.step(to_env_action(action, envs.single_action_space))
+        next_obs, reward, terminated, truncated, info = envs.step(to_env_action(action, envs.single_action_space))
+        next_obs = prepare(next_obs, info, update=False)
         returns += [episode_return for episode_return, _ in tracker.step(reward, terminated, truncated)]
     return returns[:num_episodes]
 
@@ -749,9 +814,8 @@ def run_evaluation(
 ) -> list:
     """Evaluate on a fresh env (rendered by gymnasium when recording videos) and print mean ± std."""
     envs = make_envs(args.env_id, 1, seed, "gymnasium" if video_folder else backend, video_folder)
-    returns = evaluate(
-        agent, obs_norm, envs, args.eval_episodes, seed, velocity_mask(args, envs.single_observation_space)
-    )
+    prepare = ObsPreparer(envs.single_observation_space, args, envs.single_action_space)
+    returns = evaluate(agent, prepare, obs_norm, envs, args.eval_episodes, seed)
     envs.close()
     print(f"eval {args.env_id}: {np.mean(returns):.2f} ± {np.std(returns):.2f} over {len(returns)} greedy episodes")
     return returns
@@ -919,10 +983,13 @@ def main(args: Args, comm: MPI.Comm) -> None:
         )
         checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
 
+    # The agent sees, and the rollout stores, each observation prepared once (velocities masked, action mask appended).
+    prepare = ObsPreparer(envs.single_observation_space, args, envs.single_action_space)
+    next_obs = prepare(*envs.reset(seed=seed))
     # Rollout storage, [num_steps, num_envs, ...]: observations as the networks saw them (normalised for Box actions;
     # raw_obs: before normalisation, for the statistics), real rewards, actions as category indices or as the
     # Gaussian's unclipped samples
-    obs = np.zeros((args.num_steps, args.num_envs, *obs_shape), dtype=np.float32)
+    obs = np.zeros((args.num_steps, *next_obs.shape), dtype=np.float32)
     raw_obs = np.zeros_like(obs) if normalize else None
     actions = np.zeros(
         (args.num_steps, args.num_envs, agent.action_size), dtype=np.float32 if agent.continuous else np.int64
@@ -936,13 +1003,12 @@ def main(args: Args, comm: MPI.Comm) -> None:
 
     tracker, recent_returns = EpisodeTracker(args.num_envs), deque(maxlen=100)
     progress = Progress(args.total_timesteps, global_step) if rank == 0 else None
-    obs_mask = velocity_mask(args, envs.single_observation_space)
-    next_obs, _ = envs.reset(seed=seed)
-    next_obs = next_obs if obs_mask is None else next_obs * obs_mask
-    obs_space = envs.single_observation_space
+    obs_space, rng = observed_space(envs.single_observation_space), np.random.default_rng(seed)
     obs_space.seed(seed)
     probe = np.stack([obs_space.sample() for _ in range(64)]).astype(np.float32)
-    policy = rollout_policy(agent, np.random.default_rng(seed), device, probe)
+    if prepare.masked:  # with random action masks appended, as ObsPreparer appends the env's
+        probe = np.concatenate([probe.reshape(64, -1), rng.random((64, prepare.mask_size)) < 0.7], 1, dtype=np.float32)
+    policy = rollout_policy(agent, rng, device, probe)
     start_time, start_step = time.time(), global_step
     final_step = global_step + num_iterations * global_batch
 
@@ -963,10 +1029,10 @@ def main(args: Args, comm: MPI.Comm) -> None:
             resets[step] = tracker.reset
             actions[step], logprobs[step], values[step] = policy(obs[step])
 
-            next_obs, rewards[step], terminations[step], truncations[step], _ = envs.step(
+            next_obs, rewards[step], terminations[step], truncations[step], info = envs.step(
                 to_env_action(actions[step], envs.single_action_space)
             )
-            next_obs = next_obs if obs_mask is None else next_obs * obs_mask
+            next_obs = prepare(next_obs, info)
             for episode_return, episode_length in tracker.step(rewards[step], terminations[step], truncations[step]):
                 episodes.append((step, episode_return, episode_length))
 
@@ -984,7 +1050,7 @@ def main(args: Args, comm: MPI.Comm) -> None:
 
         # Train only on real transitions: the reset steps of next-step autoreset are left out of the batch.
         transition = ~resets.reshape(-1)
-        b_obs = torch.from_numpy(obs.reshape(-1, *obs_shape)[transition]).to(device)
+        b_obs = torch.from_numpy(obs.reshape(-1, *obs.shape[2:])[transition]).to(device)
         b_actions = torch.from_numpy(actions.reshape(-1, actions.shape[-1])[transition]).to(device)
         b_logprobs, b_advantages, b_returns, b_values = (
             torch.from_numpy(x.reshape(-1)[transition]).to(device) for x in (logprobs, advantages, returns, values)

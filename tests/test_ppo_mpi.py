@@ -211,6 +211,17 @@ def test_bad_input_stops_every_rank_with_one_line(workdir, args, message):
     assert not (workdir / "runs").exists()  # rejected before any work started
 
 
+def test_action_masks_are_obeyed_on_two_ranks(workdir):
+    """ppo.py's action masking on 2 ranks: an env that fails at a masked action trains and evaluates to the end (the
+    guard checks every update against the rollout's masks); with --no-action-mask it fails."""
+    args = [str(REPO / "ppo_mpi.py"), "--env-id", "tests.toy_envs:StrictMaskedToy-v0", *SMALL, "--eval-episodes", "2"]
+    result = mpirun(2, *args, "--total-timesteps", "1024", cwd=workdir, timeout=60)
+    assert result.returncode == 0 and "note:" not in result.stdout, result.stderr
+    assert "done: 1,024 steps" in result.stdout and "eval tests.toy_envs:StrictMaskedToy-v0" in result.stdout
+    result = mpirun(2, *args, "--total-timesteps", "1024", "--no-action-mask", cwd=workdir, timeout=60)
+    assert result.returncode == 1 and "is masked out" in result.stderr, result.stderr
+
+
 def test_an_error_on_one_rank_ends_every_rank(workdir):
     # rank 1's envs raise after 300 steps, during training: rank 0 would wait for it in a collective call for ever
     result = mpirun(

@@ -117,7 +117,7 @@ class MaskedToy(MatchEnv):
     at least one action allowed in each); the target is always allowed. A masked action counts in `violations` (of
     every instance in the process) instead of failing, so that a run with --no-action-mask shows them."""
 
-    violations = 0
+    violations, strict = 0, False  # strict: a masked action raises (seen from another process, e.g. an MPI rank)
 
     def target_sizes(self):
         self.action_space = gym.spaces.MultiDiscrete([4, 3])
@@ -134,7 +134,10 @@ class MaskedToy(MatchEnv):
 
     def step(self, action):
         flat = np.cumsum(self.nvec) - self.nvec + np.asarray(action)
-        MaskedToy.violations += int((self.mask[flat] == 0).any())
+        if (self.mask[flat] == 0).any():
+            MaskedToy.violations += 1
+            if self.strict:
+                raise ValueError(f"MaskedToy: action {action} is masked out by {self.mask}")
         obs, reward, terminated, truncated, _ = super().step(action)
         obs, info = self._masked(obs)
         return obs, reward, terminated, truncated, info
@@ -153,8 +156,12 @@ class MaskedDictToy(MaskedToy):
         return {"observation": obs, "action_mask": info["action_mask"]}, {}
 
 
+class StrictMaskedToy(MaskedToy):
+    strict = True
+
+
 toys = (MultiDiscreteToy, MultiBinaryToy, OffsetDiscreteToy, DictObsToy, BoxActionToy, NaNObsToy, MaskedToy)
-for _cls in (*toys, MaskedDictToy):
+for _cls in (*toys, MaskedDictToy, StrictMaskedToy):
     gym.register(id=f"{_cls.__name__}-v0", entry_point=f"{__name__}:{_cls.__name__}", max_episode_steps=16)
 
 
