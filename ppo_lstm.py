@@ -17,10 +17,11 @@ Details: Huang et al. 2022, "The 37 Implementation Details of Proximal Policy Op
     python ppo_lstm.py --env-id CartPole-v1 --mask-velocity --total-timesteps 100000 --num-envs 8 --num-steps 32 \
         --num-minibatches 1 --update-epochs 20 --learning-rate 1e-3 --gamma 0.98 --gae-lambda 0.8 --ent-coef 0 \
         --lstm-hidden-size 64 --norm-obs --norm-reward
-    # partially observable Pendulum, 100k steps: a greedy return of about -200
+    # partially observable Pendulum, 100k steps, gSDE exploration: a greedy return of about -180
     python ppo_lstm.py --env-id Pendulum-v1 --mask-velocity --total-timesteps 100000 --num-envs 4 --num-steps 1024 \
         --seq-len 64 --num-minibatches 64 --update-epochs 10 --learning-rate 1e-3 --gamma 0.9 --ent-coef 0 \
-        --norm-obs --norm-reward
+        --norm-obs --norm-reward --gsde --sde-sample-freq 4
+    ./benchmark.sh --preset recurrent --tasks MountainCar   # masked MountainCarContinuous with gSDE: about 93
     # CleanRL's ppo_atari_lstm.py settings (its Breakout: 129 at 10M; not run here, it needs a GPU)
     python ppo_lstm.py --env-id Breakout-v5 --num-envs 8 --clip-coef 0.1 --total-timesteps 10000000 --cuda
     python ppo_lstm.py --eval-checkpoint runs/RUN/checkpoint.pt --capture-video
