@@ -42,7 +42,7 @@ MLP = {
             "    def features(self, x):\n        return self.trunk(self.encode(x))\n\n    def encode(self, x):\n",
         ),
     ],
-    "features": [("else x.flatten(1)", f"else {SYMLOG}")],
+    "features": [("if self.obs_onehot else x\n", f"if self.obs_onehot else {SYMLOG}\n")],
     # a residual input branch initialised to zero: the network is unchanged until it trains, then it is not
     "zero-init branch": [
         (
