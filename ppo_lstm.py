@@ -123,8 +123,7 @@ class Args:
     lstm_num_layers: int = 1
     """the number of stacked LSTM layers"""
     action_mask: bool = True
-    """if toggled, actions the env masks out (its info["action_mask"], e.g. Taxi's) get probability 0: never sampled,
-    in no log-probability or entropy (--no-action-mask: ignore the mask)"""
+    """if toggled, actions the env masks out (its info["action_mask"], e.g. Taxi's) are never taken"""
     mask_velocity: bool = False
     """if toggled, zero the velocities observed in CartPole, Pendulum, Acrobot, MountainCar(Continuous), LunarLander"""
     norm_obs: bool = False
@@ -132,8 +131,7 @@ class Args:
     norm_reward: bool = False
     """if toggled, scale rewards by the running std of the discounted return (continuous tasks: ppo_continuous.py)"""
     gsde: bool = False
-    """if toggled, Box actions explore by gSDE (Raffin et al. 2021): noise linear in the LSTM output, whose random
-    weights stay fixed for --sde-sample-freq steps, so exploration is smooth in time"""
+    """if toggled, Box actions explore by gSDE (Raffin et al. 2021): noise linear in the LSTM output, smooth in time"""
     sde_sample_freq: int = 0
     """with --gsde, draw new noise weights every this many steps (0: only at the start of each rollout)"""
     log_std_init: float = 0.0

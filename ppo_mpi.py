@@ -80,8 +80,7 @@ class Args:
     env_id: str = "CartPole-v1"
     """the id of the environment: an envpool id, a gymnasium id, or `module:EnvId-v0` for your own"""
     action_mask: bool = True
-    """if toggled, actions the env masks out (its info["action_mask"], e.g. Taxi's) get probability 0: never sampled,
-    in no log-probability or entropy (--no-action-mask: ignore the mask)"""
+    """if toggled, actions the env masks out (its info["action_mask"], e.g. Taxi's) are never taken"""
     mask_velocity: bool = False
     """if toggled, zero the velocities observed in CartPole, Pendulum, Acrobot, MountainCar(Continuous), LunarLander"""
     env_backend: Literal["auto", "envpool", "gymnasium"] = "auto"
