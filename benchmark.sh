@@ -58,8 +58,8 @@ CARTPOLE_LSTM="$CARTPOLE_NOVEL --lstm-hidden-size 64 --norm-obs --norm-reward"
 PENDULUM_LSTM="$PENDULUM_NOVEL --seq-len 64 --norm-obs --norm-reward --gsde --sde-sample-freq 4"
 LUNARLANDER_LSTM="$LUNARLANDER_NOVEL --seq-len 64 --norm-obs --norm-reward"
 MOUNTAINCAR_LSTM="$MOUNTAINCAR_NOVEL --gsde --norm-obs --norm-reward"
-# CarRacing (pixels, Box actions): RL Zoo's settings, but 4 epochs instead of 20, at 100k steps instead of 4M (the
-# machine's budget: ~200 steps/s on 2 cores), envpool's env (gymnasium's steps ~10x slower at 8 envs).
+# CarRacing (pixels, Box actions): RL Zoo's settings, but 4 epochs instead of 20, at 100k steps instead of 4M (what
+# 2 cores allow: see README), envpool's env (faster than gymnasium's at 8 envs).
 CARRACING_LSTM="--env-backend envpool --num-envs 8 --num-steps 512 --seq-len 128 --num-minibatches 32 --update-epochs 4 --learning-rate 3e-5 --gamma 0.99 --gae-lambda 0.9 --ent-coef 0 --clip-coef 0.4 --gsde --sde-sample-freq 4 --log-std-init -2 --eval-episodes 3"
 
 # One run spec per line: task | script | env id | total steps | MPI ranks (0: no mpiexec) | flags

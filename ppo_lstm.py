@@ -994,8 +994,8 @@ def main(args: Args) -> None:
         checkpoint = load_checkpoint(args.eval_checkpoint or args.resume, flag, script)
         # The env, its observations and the network are the checkpoint's: evaluation takes them, resuming must repeat
         # them.
-        network = ("lstm_hidden_size", "lstm_num_layers", "gsde")
-        for key in ("env_id", "mask_velocity", "norm_obs", "norm_reward", *network):
+        network_keys = ("lstm_hidden_size", "lstm_num_layers", "gsde")
+        for key in ("env_id", "mask_velocity", "norm_obs", "norm_reward", *network_keys):
             value = checkpoint["args"].get(key, False)
             if args.eval_checkpoint:
                 setattr(args, key, value)
@@ -1012,16 +1012,10 @@ def main(args: Args) -> None:
     cores = torch.get_num_threads()
     torch.set_num_threads(1)
 
+    network = (args.lstm_hidden_size, args.lstm_num_layers, args.gsde, args.log_std_init)  # Agent's arguments
     if args.eval_checkpoint:
         envs = make_envs(args.env_id, 1, args.seed, backend)
-        agent = Agent(
-            envs.single_observation_space,
-            envs.single_action_space,
-            args.lstm_hidden_size,
-            args.lstm_num_layers,
-            args.gsde,
-            args.log_std_init,
-        ).to(device)
+        agent = Agent(envs.single_observation_space, envs.single_action_space, *network).to(device)
         prepare = ObsPreparer(envs.single_observation_space, args, envs.single_action_space)
         envs.close()
         load_agent(agent, checkpoint, "--eval-checkpoint")
@@ -1046,14 +1040,7 @@ def main(args: Args) -> None:
     envs = make_envs(args.env_id, args.num_envs, seed, backend)
     if args.gsde and not isinstance(envs.single_action_space, gym.spaces.Box):
         raise UserError(f"--gsde explores Box actions; {args.env_id} has {envs.single_action_space}")
-    agent = Agent(
-        envs.single_observation_space,
-        envs.single_action_space,
-        args.lstm_hidden_size,
-        args.lstm_num_layers,
-        args.gsde,
-        args.log_std_init,
-    ).to(device)
+    agent = Agent(envs.single_observation_space, envs.single_action_space, *network).to(device)
     prepare = ObsPreparer(envs.single_observation_space, args, envs.single_action_space)
     return_scaler = ReturnScaler(args.num_envs, args.gamma) if args.norm_reward else None
     if any(encoder.image for encoder in agent.encoders):
