@@ -10,6 +10,8 @@ Details: Huang et al. 2022, "The 37 Implementation Details of Proximal Policy Op
     python ppo.py --env-id Acrobot-v1 --seed 2 --track        # log to wandb as well
     python ppo.py --env-id Taxi-v4                            # its info["action_mask"] is obeyed (--no-action-mask)
     python ppo.py --eval-checkpoint runs/RUN/checkpoint.pt --capture-video
+    python ppo.py --eval-checkpoint runs/RUN/checkpoint.pt --save-dataset expert.npz   # an expert's greedy steps
+    python ppo.py --bc-dataset expert.npz                     # clone them (behaviour cloning), then PPO
 """
 
 import contextlib
@@ -31,7 +33,6 @@ import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import tyro
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
@@ -61,6 +62,14 @@ class Args:
     """evaluate the checkpoint at this path with the greedy policy, then exit without training"""
     resume: str | None = None
     """continue the run of the checkpoint at this path (weights, optimizer, global step, lr schedule)"""
+    save_dataset: str | None = None
+    """with --eval-checkpoint: also write the evaluation's observations and actions to this .npz, for --bc-dataset"""
+    bc_dataset: str | None = None
+    """pretrain the actor on this .npz of expert steps (--save-dataset) by behaviour cloning before the first rollout"""
+    bc_epochs: int = 10
+    """the number of behaviour-cloning epochs over --bc-dataset, in minibatches of PPO's size"""
+    bc_learning_rate: float = 1e-3
+    """the learning rate of behaviour cloning (its own Adam)"""
 
     # Algorithm specific arguments
     env_id: str = "CartPole-v1"
@@ -161,6 +170,14 @@ def validate_args(args: Args) -> None:
         raise UserError("--gamma and --gae-lambda must lie in [0, 1]")
     if args.eval_checkpoint and args.resume:
         raise UserError("--eval-checkpoint and --resume exclude each other: pass one")
+    if args.save_dataset and not args.eval_checkpoint:
+        raise UserError("--save-dataset records the evaluation episodes of --eval-checkpoint: pass one")
+    if args.bc_dataset and (args.eval_checkpoint or args.resume):
+        raise UserError("--bc-dataset pretrains a new run: it excludes --eval-checkpoint and --resume")
+    if args.bc_epochs <= 0 or not 0 < args.bc_learning_rate < np.inf:
+        raise UserError("--bc-epochs and --bc-learning-rate must be positive numbers")
+    if args.save_dataset and not os.path.isdir(os.path.dirname(os.path.abspath(args.save_dataset))):
+        raise UserError(f"--save-dataset {args.save_dataset}: its folder does not exist")
     if args.mask_velocity and not args.eval_checkpoint and env_name(args.env_id) not in VELOCITY_ENTRIES:
         raise UserError(
             f"--mask-velocity: no velocity entries known for {args.env_id}; it takes {', '.join(VELOCITY_ENTRIES)}"
@@ -215,6 +232,34 @@ def observed_space(space: gym.Space) -> gym.Space:
     return space
 
 
+def encoded_size(space: gym.Space) -> int:
+    """The columns encode_obs gives a space's observations; raises UserError for a space it does not take."""
+    if isinstance(space, gym.spaces.Dict | gym.spaces.Tuple):
+        return sum(encoded_size(entry) for entry in (space.values() if isinstance(space, gym.spaces.Dict) else space))
+    if isinstance(space, gym.spaces.Box | gym.spaces.Discrete | gym.spaces.MultiDiscrete | gym.spaces.MultiBinary):
+        return gym.spaces.flatdim(space)
+    raise UserError(
+        f"the env's observations are {space}: supported are Box, Discrete, MultiDiscrete, MultiBinary, Dict, Tuple"
+    )
+
+
+def encode_obs(space: gym.Space, obs) -> np.ndarray:
+    """A batch of observations -> [batch, encoded_size] float32, encoded as SB3 does: Box and MultiBinary as floats,
+    Discrete and MultiDiscrete one-hot per component, the entries of a Dict or Tuple concatenated in order."""
+    if isinstance(space, gym.spaces.Dict):
+        return np.concatenate([encode_obs(entry, obs[key]) for key, entry in space.items()], 1)
+    if isinstance(space, gym.spaces.Tuple):
+        return np.concatenate([encode_obs(entry, part) for entry, part in zip(space, obs)], 1)
+    if isinstance(space, gym.spaces.Discrete | gym.spaces.MultiDiscrete):
+        nvec = np.reshape(space.n if isinstance(space, gym.spaces.Discrete) else space.nvec, -1)
+        # each component's category, offset by the sizes of the components before it
+        index = np.reshape(obs, (len(obs), -1)) - np.reshape(space.start, -1) + np.cumsum(nvec) - nvec
+        onehot = np.zeros((len(obs), int(nvec.sum())), np.float32)
+        np.put_along_axis(onehot, index.astype(np.int64), 1, axis=1)
+        return onehot
+    return np.reshape(obs, (len(obs), -1)).astype(np.float32, copy=False)
+
+
 def velocity_mask(args: Args, obs_space: gym.Space) -> np.ndarray | None:
     """With --mask-velocity, the factor that zeroes the velocity entries of an observation (a partially observable
     task, for comparison with ppo_lstm.py); None otherwise."""
@@ -257,14 +302,8 @@ def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
 class Agent(nn.Module):
     def __init__(self, obs_space: gym.Space, act_space: gym.Space):
         super().__init__()
-        obs_space = observed_space(obs_space)
-        if isinstance(obs_space, gym.spaces.Discrete):
-            self.obs_onehot, obs_dim = int(obs_space.n), int(obs_space.n)
-        elif isinstance(obs_space, gym.spaces.Box):
-            self.obs_onehot, obs_dim = 0, int(np.prod(obs_space.shape))
-        else:
-            raise UserError(f"ppo.py handles Box and Discrete observations, not {obs_space}")
-        self.obs_cols = 1 if self.obs_onehot else obs_dim  # the columns of an observation before any action mask
+        # observations arrive encoded as flat float vectors (ObsPreparer), any action mask after them
+        self.obs_cols = obs_dim = encoded_size(observed_space(obs_space))
         nvec = action_nvec(act_space)
         self.critic = nn.Sequential(
             layer_init(nn.Linear(obs_dim, 64)),
@@ -289,13 +328,11 @@ class Agent(nn.Module):
         self.register_buffer("mask_slots", torch.nonzero(~padding.view(-1)).squeeze(1), persistent=False)
 
     def features(self, x):
-        x = x.reshape(len(x), -1)[:, : self.obs_cols]  # without the action mask ObsPreparer may append
-        return F.one_hot(x[:, 0].long(), self.obs_onehot).float() if self.obs_onehot else x
+        return x[:, : self.obs_cols]  # without the action mask ObsPreparer may append
 
     def allowed(self, x):
         """The [batch, components, max size] table of the actions the env allows, from the flat action mask
         ObsPreparer appends to the observations; None where there is none."""
-        x = x.reshape(len(x), -1)
         if x.shape[1] == self.obs_cols:
             return None
         table = torch.zeros(len(x), self.logits_shape[0] * self.logits_shape[1], dtype=torch.bool, device=x.device)
@@ -366,14 +403,12 @@ def numpy_policy(agent: Agent, rng: np.random.Generator):
     actor, critic = numpy_module(agent.actor), numpy_module(agent.critic)
     if actor is None or critic is None:
         return None
-    onehot = np.eye(agent.obs_onehot, dtype=np.float32) if agent.obs_onehot else None
     padding = None if agent.logit_padding is None else agent.logit_padding.numpy()
     categories = np.arange(agent.logits_shape[1])  # for the sampled action's log-probability
     cols, slots, table_size = agent.obs_cols, agent.mask_slots.cpu().numpy(), int(np.prod(agent.logits_shape))
 
     def policy(obs):
-        obs = obs.reshape(len(obs), -1)
-        x = onehot[obs[:, 0].astype(np.int64)] if agent.obs_onehot else obs[:, :cols]
+        x = obs[:, :cols]
         logits = actor(x).reshape(len(x), *agent.logits_shape)
         if padding is not None:
             logits = logits + padding
@@ -536,23 +571,24 @@ class Progress:
 
 
 class ObsPreparer:
-    """Env observations -> what the agent sees and the rollout stores: velocities zeroed (--mask-velocity), float32,
-    and where the env gives an action mask (info["action_mask"] or a Dict observation's, see observed_space; flat
-    over the components as gymnasium's and SB3's), that mask appended: stored and replayed with its observation, it
-    gives the update the rollout's distribution."""
+    """Env observations -> what the agent sees and the rollout stores: velocities zeroed (--mask-velocity), encoded as
+    one float32 vector per env (encode_obs), and where the env gives an action mask (info["action_mask"] or a Dict
+    observation's, see observed_space; flat over the components as gymnasium's and SB3's), that mask appended: stored
+    and replayed with its observation, it gives the update the rollout's distribution."""
 
     def __init__(self, space: gym.Space, args: Args, action_space: gym.Space):
-        self.velocity_mask = velocity_mask(args, observed_space(space))
+        self.mask_in_obs, self.space = observed_space(space) is not space, observed_space(space)
+        self.size, self.velocity_mask = encoded_size(self.space), velocity_mask(args, self.space)
         self.use_mask, self.mask_size = args.action_mask, int(action_nvec(action_space).sum())
         self.masked = None  # whether the env gives masks: its first observations (a reset) tell
 
     def __call__(self, obs, info: dict, update: bool = True) -> np.ndarray:
         """update=False freezes any statistics the preparation keeps (evaluation)."""
-        if isinstance(obs, dict):  # a Dict of an observation and its action mask (observed_space)
+        if self.mask_in_obs:
             obs, info = obs["observation"], {"action_mask": obs["action_mask"]}
         if self.velocity_mask is not None:
             obs = obs * self.velocity_mask
-        obs = obs.astype(np.float32, copy=False)
+        obs = encode_obs(self.space, obs)
         if self.masked is None:
             self.masked = self.use_mask and "action_mask" in info
         if not self.masked:
@@ -561,17 +597,20 @@ class ObsPreparer:
         if mask.shape[1] != self.mask_size:
             raise UserError(f"the env's action mask has {mask.shape[1]} entries for {self.mask_size} actions")
         mask[~info.get("_action_mask", np.ones(len(obs), dtype=bool))] = 1  # no mask at this step: all allowed
-        return np.concatenate([obs.reshape(len(obs), -1), mask], axis=1)
+        return np.concatenate([obs, mask], axis=1)
 
 
-def evaluate(agent: Agent, prepare: ObsPreparer, envs, num_episodes: int, seed: int) -> list:
+def evaluate(agent: Agent, prepare: ObsPreparer, envs, num_episodes: int, seed: int, steps: list | None = None) -> list:
     """Real episodic returns of num_episodes played with the greedy policy (the most likely action), the observations
-    prepared as in training, with any statistics frozen."""
+    prepared as in training, with any statistics frozen. steps, where given, receives each step's (observations,
+    actions) as the agent saw and chose them, the reset steps of next-step autoreset left out."""
     next_obs = prepare(*envs.reset(seed=seed), update=False)
     tracker, returns, device = EpisodeTracker(envs.num_envs), [], next(agent.parameters()).device
     while len(returns) < num_episodes:
         with torch.no_grad():
             action = agent.get_action_and_value(torch.from_numpy(next_obs).to(device), greedy=True)[0].cpu().numpy()
+        if steps is not None:
+            steps.append((next_obs[~tracker.reset], action[~tracker.reset]))
         next_obs, reward, terminated, truncated, info = envs.step(to_env_action(action, envs.single_action_space))
         next_obs = prepare(next_obs, info, update=False)
         returns += [episode_return for episode_return, _ in tracker.step(reward, terminated, truncated)]
@@ -579,11 +618,11 @@ def evaluate(agent: Agent, prepare: ObsPreparer, envs, num_episodes: int, seed: 
 
 
 def run_evaluation(
-    agent: Agent, prepare: ObsPreparer, args: Args, backend: str, seed: int, video_folder: str | None
+    agent: Agent, prepare: ObsPreparer, args: Args, backend: str, seed: int, video_folder: str | None, steps=None
 ) -> list:
     """Evaluate on a fresh env (rendered by gymnasium when recording videos) and print mean ± std."""
     envs = make_envs(args.env_id, 1, seed, "gymnasium" if video_folder else backend, video_folder)
-    returns = evaluate(agent, prepare, envs, args.eval_episodes, seed)
+    returns = evaluate(agent, prepare, envs, args.eval_episodes, seed, steps)
     envs.close()
     print(f"eval {args.env_id}: {np.mean(returns):.2f} ± {np.std(returns):.2f} over {len(returns)} greedy episodes")
     return returns
@@ -625,6 +664,65 @@ def load_agent(agent: Agent, checkpoint: dict, flag: str) -> None:
         ) from None
 
 
+def save_dataset(path: str, script: str, args: Args, steps: list, returns: list, **statistics) -> None:
+    """Write an evaluation's steps (evaluate) as an expert dataset, atomically: arrays only, read back as data."""
+    observations, actions = (np.concatenate(arrays) for arrays in zip(*steps))
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        np.savez(f, script=script, env_id=args.env_id, mask_velocity=args.mask_velocity, observations=observations,
+                 actions=actions, returns=np.array(returns), **statistics)  # fmt: skip
+    os.replace(tmp, path)
+    print(f"dataset: {len(observations):,} steps of {len(returns)} episodes written to {path}")
+
+
+def load_dataset(path: str, script: str, args: Args) -> dict:
+    """Read a dataset of --save-dataset (no pickles: nothing in it runs); raises UserError where it does not fit."""
+    flag = f"--bc-dataset {path}"
+    if not os.path.isfile(path):
+        raise UserError(f"{flag}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            dataset = {key: data[key] for key in data.files}
+    except Exception as e:
+        raise UserError(
+            f"{flag} is not a readable .npz file ({type(e).__name__}); write one with --save-dataset"
+        ) from None
+    if not {"script", "env_id", "mask_velocity", "observations", "actions"} <= dataset.keys():
+        raise UserError(f"{flag} is not a dataset of this project; write one with {script} --save-dataset")
+    for key, value in (("script", script), ("env_id", args.env_id), ("mask_velocity", args.mask_velocity)):
+        if dataset[key] != value:
+            raise UserError(f"{flag} was recorded with {key} {dataset[key]}, not {value}: record it as you train")
+    if len(dataset["observations"]) != len(dataset["actions"]) or not len(dataset["actions"]):
+        raise UserError(f"{flag}: its observations and actions must be equally many, one or more")
+    return dataset
+
+
+def behaviour_cloning(agent: Agent, dataset: dict, obs_cols: int, nvec: np.ndarray, args: Args, writer) -> None:
+    """PPO1's pretraining: the actor learns the dataset's actions by maximum likelihood, --bc-epochs epochs of
+    minibatches of PPO's size with its own Adam, before the first rollout. The critic's loss is not in it."""
+    observations, actions = dataset["observations"], dataset["actions"]
+    if observations.shape[1:] != (obs_cols,) or actions.shape[1:] != nvec.shape or (actions >= nvec).any():
+        raise UserError(f"--bc-dataset {args.bc_dataset}: its observations or actions do not fit {args.env_id}'s")
+    device = next(agent.parameters()).device
+    observations, actions = torch.from_numpy(observations).to(device), torch.from_numpy(actions).long().to(device)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.bc_learning_rate, eps=1e-5)
+    minibatch_size = args.num_envs * args.num_steps // args.num_minibatches
+    for epoch in range(1, args.bc_epochs + 1):
+        losses = []
+        for indices in torch.randperm(len(actions), device=device).split(minibatch_size):
+            loss = -agent.get_action_and_value(observations[indices], actions[indices])[1].mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        with torch.no_grad():
+            greedy = agent.get_action_and_value(observations, greedy=True)[0]
+        accuracy = (greedy == actions).all(-1).float().mean().item()  # every component of the expert's action
+        writer.add_scalar("bc/loss", np.mean(losses), epoch)
+        writer.add_scalar("bc/accuracy", accuracy, epoch)
+    print(f"behaviour cloning: {len(actions):,} expert steps, {args.bc_epochs} epochs, accuracy {accuracy:.3f}")
+
+
 def parse_args() -> Args:
     """The flags, by tyro. A value it cannot parse ends as every other mistake does: one line (tyro draws a box)."""
     stderr = io.StringIO()
@@ -656,6 +754,7 @@ def main(args: Args) -> None:
                 setattr(args, key, value)
             elif value != getattr(args, key):
                 raise UserError(f"--resume: the checkpoint trained with --{key.replace('_', '-')} {value}; pass that")
+    dataset = load_dataset(args.bc_dataset, script, args) if args.bc_dataset else None
     backend = choose_backend(args.env_id, args.num_envs, args.env_backend)
     if args.capture_video and args.eval_episodes and not gymnasium_has(args.env_id):
         raise UserError(f"--capture-video: videos are rendered by gymnasium, which has no env {args.env_id}")
@@ -670,7 +769,10 @@ def main(args: Args) -> None:
         envs.close()
         load_agent(agent, checkpoint, "--eval-checkpoint")
         video_folder = os.path.join(os.path.dirname(args.eval_checkpoint), "videos") if args.capture_video else None
-        run_evaluation(agent, prepare, args, backend, args.seed, video_folder)
+        steps = [] if args.save_dataset else None
+        returns = run_evaluation(agent, prepare, args, backend, args.seed, video_folder, steps)
+        if args.save_dataset:
+            save_dataset(args.save_dataset, script, args, steps, returns)
         return
 
     batch_size = args.num_envs * args.num_steps
@@ -718,6 +820,10 @@ def main(args: Args) -> None:
     writer.add_text(
         "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
     )
+    if dataset is not None:
+        behaviour_cloning(agent, dataset, next_obs.shape[1], action_nvec(envs.single_action_space), args, writer)
+        if args.eval_episodes:  # the pretrained policy's greedy return, before any PPO update
+            writer.add_scalar("bc/greedy_return", np.mean(run_evaluation(agent, prepare, args, backend, seed, None)))
 
     # Rollout storage, [num_steps, num_envs, ...]; actions as [.., components] category indices
     obs_shape = next_obs.shape[1:]
@@ -733,11 +839,11 @@ def main(args: Args) -> None:
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
     tracker, recent_returns = EpisodeTracker(args.num_envs), deque(maxlen=100)
     progress = Progress(args.total_timesteps, global_step)
-    obs_space, rng = observed_space(envs.single_observation_space), np.random.default_rng(seed)
-    obs_space.seed(seed)
-    probe = np.stack([obs_space.sample() for _ in range(64)]).astype(np.float32)
+    rng, samples = np.random.default_rng(seed), gym.vector.utils.batch_space(prepare.space, 64)
+    samples.seed(seed)
+    probe = encode_obs(prepare.space, samples.sample())
     if prepare.masked:  # with random action masks appended, as ObsPreparer appends the env's
-        probe = np.concatenate([probe.reshape(64, -1), rng.random((64, prepare.mask_size)) < 0.7], 1, dtype=np.float32)
+        probe = np.concatenate([probe, rng.random((64, prepare.mask_size)) < 0.7], 1, dtype=np.float32)
     policy = rollout_policy(agent, rng, device, probe)
     start_time, start_step = time.time(), global_step
 

@@ -12,6 +12,8 @@ Details: Huang et al. 2022, "The 37 Implementation Details of Proximal Policy Op
     python ppo_continuous.py                                       # HalfCheetah-v4, 1M steps
     python ppo_continuous.py --env-id Pendulum-v1 --seed 2 --track # log to wandb as well
     python ppo_continuous.py --eval-checkpoint runs/RUN/checkpoint.pt --capture-video
+    python ppo_continuous.py --eval-checkpoint runs/RUN/checkpoint.pt --save-dataset expert.npz
+    python ppo_continuous.py --bc-dataset expert.npz               # clone the expert's steps, then PPO
 """
 
 import contextlib
@@ -62,7 +64,15 @@ class Args:
     eval_checkpoint: str | None = None
     """evaluate the checkpoint at this path with the greedy policy (mean action), then exit without training"""
     resume: str | None = None
-    """continue the run of the checkpoint at this path (weights, optimizer, normalisation, global step, lr schedule)"""
+    """continue the run of the checkpoint at this path (weights, optimizer, global step, lr schedule)"""
+    save_dataset: str | None = None
+    """with --eval-checkpoint: also write the evaluation's observations and actions to this .npz, for --bc-dataset"""
+    bc_dataset: str | None = None
+    """pretrain the actor on this .npz of expert steps (--save-dataset) by behaviour cloning before the first rollout"""
+    bc_epochs: int = 10
+    """the number of behaviour-cloning epochs over --bc-dataset, in minibatches of PPO's size"""
+    bc_learning_rate: float = 1e-3
+    """the learning rate of behaviour cloning (its own Adam)"""
 
     # Algorithm specific arguments
     env_id: str = "HalfCheetah-v4"
@@ -161,6 +171,14 @@ def validate_args(args: Args) -> None:
         raise UserError("--gamma and --gae-lambda must lie in [0, 1]")
     if args.eval_checkpoint and args.resume:
         raise UserError("--eval-checkpoint and --resume exclude each other: pass one")
+    if args.save_dataset and not args.eval_checkpoint:
+        raise UserError("--save-dataset records the evaluation episodes of --eval-checkpoint: pass one")
+    if args.bc_dataset and (args.eval_checkpoint or args.resume):
+        raise UserError("--bc-dataset pretrains a new run: it excludes --eval-checkpoint and --resume")
+    if args.bc_epochs <= 0 or not 0 < args.bc_learning_rate < np.inf:
+        raise UserError("--bc-epochs and --bc-learning-rate must be positive numbers")
+    if args.save_dataset and not os.path.isdir(os.path.dirname(os.path.abspath(args.save_dataset))):
+        raise UserError(f"--save-dataset {args.save_dataset}: its folder does not exist")
     if args.mask_velocity and not args.eval_checkpoint and env_name(args.env_id) not in VELOCITY_ENTRIES:
         raise UserError(
             f"--mask-velocity: no velocity entries known for {args.env_id}; it takes {', '.join(VELOCITY_ENTRIES)}"
@@ -207,6 +225,34 @@ def make_envs(env_id: str, num_envs: int, seed: int, backend: str, video_folder:
     return gym.vector.SyncVectorEnv([make_env] * num_envs, autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
 
 
+def encoded_size(space: gym.Space) -> int:
+    """The columns encode_obs gives a space's observations; raises UserError for a space it does not take."""
+    if isinstance(space, gym.spaces.Dict | gym.spaces.Tuple):
+        return sum(encoded_size(entry) for entry in (space.values() if isinstance(space, gym.spaces.Dict) else space))
+    if isinstance(space, gym.spaces.Box | gym.spaces.Discrete | gym.spaces.MultiDiscrete | gym.spaces.MultiBinary):
+        return gym.spaces.flatdim(space)
+    raise UserError(
+        f"the env's observations are {space}: supported are Box, Discrete, MultiDiscrete, MultiBinary, Dict, Tuple"
+    )
+
+
+def encode_obs(space: gym.Space, obs) -> np.ndarray:
+    """A batch of observations -> [batch, encoded_size] float32, encoded as SB3 does: Box and MultiBinary as floats,
+    Discrete and MultiDiscrete one-hot per component, the entries of a Dict or Tuple concatenated in order."""
+    if isinstance(space, gym.spaces.Dict):
+        return np.concatenate([encode_obs(entry, obs[key]) for key, entry in space.items()], 1)
+    if isinstance(space, gym.spaces.Tuple):
+        return np.concatenate([encode_obs(entry, part) for entry, part in zip(space, obs)], 1)
+    if isinstance(space, gym.spaces.Discrete | gym.spaces.MultiDiscrete):
+        nvec = np.reshape(space.n if isinstance(space, gym.spaces.Discrete) else space.nvec, -1)
+        # each component's category, offset by the sizes of the components before it
+        index = np.reshape(obs, (len(obs), -1)) - np.reshape(space.start, -1) + np.cumsum(nvec) - nvec
+        onehot = np.zeros((len(obs), int(nvec.sum())), np.float32)
+        np.put_along_axis(onehot, index.astype(np.int64), 1, axis=1)
+        return onehot
+    return np.reshape(obs, (len(obs), -1)).astype(np.float32, copy=False)
+
+
 def velocity_mask(args: Args, obs_space: gym.Space) -> np.ndarray | None:
     """With --mask-velocity, the factor that zeroes the velocity entries of an observation (a partially observable
     task, for comparison with ppo_lstm.py); None otherwise."""
@@ -242,14 +288,12 @@ def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
 class Agent(nn.Module):
     def __init__(self, obs_space: gym.Space, act_space: gym.Space):
         super().__init__()
-        # Box observations only: normalising them by their running statistics is part of the algorithm here.
-        if not isinstance(obs_space, gym.spaces.Box):
-            raise UserError(f"ppo_continuous.py handles Box observations, not {obs_space}")
         if not isinstance(act_space, gym.spaces.Box):
             discrete = (gym.spaces.Discrete, gym.spaces.MultiDiscrete, gym.spaces.MultiBinary)
             hint = " (use ppo.py for these)" if isinstance(act_space, discrete) else ""
             raise UserError(f"ppo_continuous.py handles Box actions, not {act_space}{hint}")
-        obs_dim, act_dim = int(np.prod(obs_space.shape)), int(np.prod(act_space.shape))
+        # observations arrive encoded as flat float vectors (ObsPreparer)
+        obs_dim, act_dim = encoded_size(obs_space), int(np.prod(act_space.shape))
         self.critic = nn.Sequential(
             layer_init(nn.Linear(obs_dim, 64)),
             nn.Tanh(),
@@ -269,7 +313,7 @@ class Agent(nn.Module):
         self.actor_logstd = nn.Parameter(torch.zeros(1, act_dim))
 
     def features(self, x):
-        return x.flatten(1)
+        return x
 
     def get_value(self, x):
         return self.critic(self.features(x)).squeeze(-1)
@@ -551,29 +595,33 @@ class Progress:
 
 
 class ObsPreparer:
-    """Env observations -> what the agent sees and the rollout stores: velocities zeroed (--mask-velocity), then
-    normalised by the running mean and std of every observation seen (ObsNormalizer), float32."""
+    """Env observations -> what the agent sees and the rollout stores: velocities zeroed (--mask-velocity), encoded as
+    one float32 vector per env (encode_obs), then normalised by the running mean and std of every observation seen
+    (ObsNormalizer)."""
 
     def __init__(self, space: gym.Space, args: Args):
-        self.velocity_mask = velocity_mask(args, space)
-        self.obs_norm = ObsNormalizer(space.shape)
+        self.space, self.size, self.velocity_mask = space, encoded_size(space), velocity_mask(args, space)
+        self.obs_norm = ObsNormalizer((self.size,))
 
     def __call__(self, obs, update: bool = True) -> np.ndarray:
         """update=False freezes any statistics the preparation keeps (evaluation)."""
         if self.velocity_mask is not None:
             obs = obs * self.velocity_mask
-        obs = self.obs_norm(obs, update)
+        obs = self.obs_norm(encode_obs(self.space, obs), update)
         return obs.astype(np.float32, copy=False)
 
 
-def evaluate(agent: Agent, prepare: ObsPreparer, envs, num_episodes: int, seed: int) -> list:
+def evaluate(agent: Agent, prepare: ObsPreparer, envs, num_episodes: int, seed: int, steps: list | None = None) -> list:
     """Real episodic returns of num_episodes played with the greedy policy (the mean action), the observations
-    prepared as in training, with any statistics frozen."""
+    prepared as in training, with any statistics frozen. steps, where given, receives each step's (observations,
+    actions) as the agent saw and chose them, the reset steps of next-step autoreset left out."""
     next_obs = prepare(envs.reset(seed=seed)[0], update=False)
     tracker, returns, device = EpisodeTracker(envs.num_envs), [], next(agent.parameters()).device
     while len(returns) < num_episodes:
         with torch.no_grad():
             action = agent.get_action_and_value(torch.from_numpy(next_obs).to(device), greedy=True)[0].cpu().numpy()
+        if steps is not None:
+            steps.append((next_obs[~tracker.reset], action[~tracker.reset]))
         next_obs, reward, terminated, truncated, _ = envs.step(to_env_action(action, envs.single_action_space))
         next_obs = prepare(next_obs, update=False)
         returns += [episode_return for episode_return, _ in tracker.step(reward, terminated, truncated)]
@@ -581,11 +629,11 @@ def evaluate(agent: Agent, prepare: ObsPreparer, envs, num_episodes: int, seed: 
 
 
 def run_evaluation(
-    agent: Agent, prepare: ObsPreparer, args: Args, backend: str, seed: int, video_folder: str | None
+    agent: Agent, prepare: ObsPreparer, args: Args, backend: str, seed: int, video_folder: str | None, steps=None
 ) -> list:
     """Evaluate on a fresh env (rendered by gymnasium when recording videos) and print mean ± std."""
     envs = make_envs(args.env_id, 1, seed, "gymnasium" if video_folder else backend, video_folder)
-    returns = evaluate(agent, prepare, envs, args.eval_episodes, seed)
+    returns = evaluate(agent, prepare, envs, args.eval_episodes, seed, steps)
     envs.close()
     print(f"eval {args.env_id}: {np.mean(returns):.2f} ± {np.std(returns):.2f} over {len(returns)} greedy episodes")
     return returns
@@ -627,6 +675,67 @@ def load_agent(agent: Agent, checkpoint: dict, flag: str) -> None:
         ) from None
 
 
+def save_dataset(path: str, script: str, args: Args, steps: list, returns: list, **statistics) -> None:
+    """Write an evaluation's steps (evaluate) as an expert dataset, atomically: arrays only, read back as data."""
+    observations, actions = (np.concatenate(arrays) for arrays in zip(*steps))
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        np.savez(f, script=script, env_id=args.env_id, mask_velocity=args.mask_velocity, observations=observations,
+                 actions=actions, returns=np.array(returns), **statistics)  # fmt: skip
+    os.replace(tmp, path)
+    print(f"dataset: {len(observations):,} steps of {len(returns)} episodes written to {path}")
+
+
+def load_dataset(path: str, script: str, args: Args) -> dict:
+    """Read a dataset of --save-dataset (no pickles: nothing in it runs); raises UserError where it does not fit."""
+    flag = f"--bc-dataset {path}"
+    if not os.path.isfile(path):
+        raise UserError(f"{flag}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            dataset = {key: data[key] for key in data.files}
+    except Exception as e:
+        raise UserError(
+            f"{flag} is not a readable .npz file ({type(e).__name__}); write one with --save-dataset"
+        ) from None
+    if not {"script", "env_id", "mask_velocity", "observations", "actions"} <= dataset.keys():
+        raise UserError(f"{flag} is not a dataset of this project; write one with {script} --save-dataset")
+    for key, value in (("script", script), ("env_id", args.env_id), ("mask_velocity", args.mask_velocity)):
+        if dataset[key] != value:
+            raise UserError(f"{flag} was recorded with {key} {dataset[key]}, not {value}: record it as you train")
+    if len(dataset["observations"]) != len(dataset["actions"]) or not len(dataset["actions"]):
+        raise UserError(f"{flag}: its observations and actions must be equally many, one or more")
+    return dataset
+
+
+def behaviour_cloning(agent: Agent, dataset: dict, prepare: ObsPreparer, args: Args, writer) -> None:
+    """PPO1's pretraining: the actor learns the dataset's actions by maximum likelihood, --bc-epochs epochs of
+    minibatches of PPO's size with its own Adam, before the first rollout. The observations are normalised by the
+    expert's statistics, which this run adopts; the log-std stays (a greedy expert's actions have no spread to learn
+    it from: it would collapse) and the critic's loss is not in it."""
+    observations, actions, statistics = dataset["observations"], dataset["actions"], dataset.get("obs_mean")
+    action_dim = agent.actor_logstd.shape[-1]
+    if observations.shape[1:] != (prepare.size,) or actions.shape[1:] != (action_dim,) or statistics is None:
+        raise UserError(f"--bc-dataset {args.bc_dataset}: its observations or actions do not fit {args.env_id}'s")
+    prepare.obs_norm.mean, prepare.obs_norm.var = dataset["obs_mean"], dataset["obs_var"]
+    prepare.obs_norm.count = float(dataset["obs_count"])
+    device = next(agent.parameters()).device
+    observations, actions = torch.from_numpy(observations).to(device), torch.from_numpy(actions).float().to(device)
+    params = [param for name, param in agent.named_parameters() if name != "actor_logstd"]
+    optimizer = torch.optim.Adam(params, lr=args.bc_learning_rate, eps=1e-5)
+    minibatch_size = args.num_envs * args.num_steps // args.num_minibatches
+    for epoch in range(1, args.bc_epochs + 1):
+        losses = []
+        for indices in torch.randperm(len(actions), device=device).split(minibatch_size):
+            loss = -agent.get_action_and_value(observations[indices], actions[indices])[1].mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        writer.add_scalar("bc/loss", np.mean(losses), epoch)
+    print(f"behaviour cloning: {len(actions):,} expert steps, {args.bc_epochs} epochs, loss {np.mean(losses):.3f}")
+
+
 def parse_args() -> Args:
     """The flags, by tyro. A value it cannot parse ends as every other mistake does: one line (tyro draws a box)."""
     stderr = io.StringIO()
@@ -658,6 +767,7 @@ def main(args: Args) -> None:
                 setattr(args, key, value)
             elif value != getattr(args, key):
                 raise UserError(f"--resume: the checkpoint trained with --{key.replace('_', '-')} {value}; pass that")
+    dataset = load_dataset(args.bc_dataset, script, args) if args.bc_dataset else None
     backend = choose_backend(args.env_id, args.num_envs, args.env_backend)
     if args.capture_video and args.eval_episodes and not gymnasium_has(args.env_id):
         raise UserError(f"--capture-video: videos are rendered by gymnasium, which has no env {args.env_id}")
@@ -675,7 +785,12 @@ def main(args: Args) -> None:
         load_agent(agent, checkpoint, "--eval-checkpoint")
         prepare.obs_norm.load_state_dict(checkpoint["obs_rms"])
         video_folder = os.path.join(os.path.dirname(args.eval_checkpoint), "videos") if args.capture_video else None
-        run_evaluation(agent, prepare, args, backend, args.seed, video_folder)
+        steps = [] if args.save_dataset else None
+        returns = run_evaluation(agent, prepare, args, backend, args.seed, video_folder, steps)
+        if args.save_dataset:  # with the statistics that normalised its observations, for the run that clones it
+            norm = prepare.obs_norm
+            save_dataset(args.save_dataset, script, args, steps, returns, obs_mean=norm.mean, obs_var=norm.var,
+                         obs_count=norm.count)  # fmt: skip
         return
 
     batch_size = args.num_envs * args.num_steps
@@ -723,10 +838,14 @@ def main(args: Args) -> None:
     writer.add_text(
         "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
     )
+    if dataset is not None:
+        behaviour_cloning(agent, dataset, prepare, args, writer)
+        if args.eval_episodes:  # the pretrained policy's greedy return, before any PPO update
+            writer.add_scalar("bc/greedy_return", np.mean(run_evaluation(agent, prepare, args, backend, seed, None)))
 
     # Rollout storage, [num_steps, num_envs, ...]: normalised observations (what the networks saw), scaled rewards,
     # actions as the Gaussian's unclipped samples, flat
-    obs_shape = envs.single_observation_space.shape
+    obs_shape = (prepare.size,)
     obs = np.zeros((args.num_steps, args.num_envs, *obs_shape), dtype=np.float32)
     actions = np.zeros((args.num_steps, args.num_envs, agent.actor_logstd.shape[-1]), dtype=np.float32)
     logprobs = np.zeros((args.num_steps, args.num_envs), dtype=np.float32)
@@ -742,9 +861,9 @@ def main(args: Args) -> None:
     # The agent sees, and the rollout stores, each observation prepared once, as the envs return it: the same numbers
     # serve the policy, the stored batch and next_value.
     next_obs = prepare(envs.reset(seed=seed)[0])
-    obs_space = envs.single_observation_space
-    obs_space.seed(seed)
-    probe = np.stack([obs_space.sample() for _ in range(64)]).astype(np.float32)
+    samples = gym.vector.utils.batch_space(prepare.space, 64)
+    samples.seed(seed)
+    probe = encode_obs(prepare.space, samples.sample())
     policy = rollout_policy(agent, np.random.default_rng(seed), device, probe)
     start_time, start_step = time.time(), global_step
 

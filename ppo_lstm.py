@@ -47,7 +47,6 @@ import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import tyro
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
@@ -277,6 +276,41 @@ def observed_space(space: gym.Space) -> gym.Space:
     return space
 
 
+def encoded_size(space: gym.Space) -> int:
+    """The columns encode_obs gives a space's observations; raises UserError for a space it does not take."""
+    if isinstance(space, gym.spaces.Dict | gym.spaces.Tuple):
+        return sum(encoded_size(entry) for entry in (space.values() if isinstance(space, gym.spaces.Dict) else space))
+    if isinstance(space, gym.spaces.Box | gym.spaces.Discrete | gym.spaces.MultiDiscrete | gym.spaces.MultiBinary):
+        return gym.spaces.flatdim(space)
+    raise UserError(
+        f"the env's observations are {space}: supported are Box, Discrete, MultiDiscrete, MultiBinary, Dict, Tuple"
+    )
+
+
+def encode_obs(space: gym.Space, obs) -> np.ndarray:
+    """A batch of observations -> [batch, encoded_size] float32, encoded as SB3 does: Box and MultiBinary as floats,
+    Discrete and MultiDiscrete one-hot per component, the entries of a Dict or Tuple concatenated in order."""
+    if isinstance(space, gym.spaces.Dict):
+        return np.concatenate([encode_obs(entry, obs[key]) for key, entry in space.items()], 1)
+    if isinstance(space, gym.spaces.Tuple):
+        return np.concatenate([encode_obs(entry, part) for entry, part in zip(space, obs)], 1)
+    if isinstance(space, gym.spaces.Discrete | gym.spaces.MultiDiscrete):
+        nvec = np.reshape(space.n if isinstance(space, gym.spaces.Discrete) else space.nvec, -1)
+        # each component's category, offset by the sizes of the components before it
+        index = np.reshape(obs, (len(obs), -1)) - np.reshape(space.start, -1) + np.cumsum(nvec) - nvec
+        onehot = np.zeros((len(obs), int(nvec.sum())), np.float32)
+        np.put_along_axis(onehot, index.astype(np.int64), 1, axis=1)
+        return onehot
+    return np.reshape(obs, (len(obs), -1)).astype(np.float32, copy=False)
+
+
+def obs_entries(space: gym.Space) -> list:
+    """The entries of a Dict or Tuple observation, in the order encode_obs concatenates them; any other space alone."""
+    if isinstance(space, gym.spaces.Dict | gym.spaces.Tuple):
+        return list(space.values() if isinstance(space, gym.spaces.Dict) else space)
+    return [space]
+
+
 def velocity_mask(args: Args, obs_space: gym.Space) -> np.ndarray | None:
     """With --mask-velocity, the factor that zeroes the velocity entries of an observation (a partially observable
     task, for comparison with ppo_lstm.py); None otherwise."""
@@ -330,12 +364,12 @@ def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
 
 class Encoder(nn.Module):
     """One observation space -> features. Images (uint8, 3 dimensions, the smallest one the channels, first or last)
-    go through the Nature CNN, scaled to [0, 1] here; Discrete observations are one-hot encoded, Box ones flattened,
-    then a 64x64 tanh MLP as in ppo.py."""
+    go through the Nature CNN, scaled to [0, 1] here; any other space, encoded as a flat vector (encode_obs), through
+    a 64x64 tanh MLP as in ppo.py."""
 
     def __init__(self, space: gym.Space):
         super().__init__()
-        self.image = is_image(space)
+        self.image, self.shape = is_image(space), space.shape
         if self.image:
             self.hwc = int(np.argmin(space.shape)) == 2  # height, width, channels (else channels first)
             channels, height, width = np.roll(space.shape, 1) if self.hwc else space.shape
@@ -354,24 +388,22 @@ class Encoder(nn.Module):
                 raise UserError(f"images of shape {space.shape} are smaller than the Nature CNN's 36x36") from None
             self.net.extend([layer_init(nn.Linear(conv_size, 512)), nn.ReLU()])
             self.out_dim = 512
-        elif isinstance(space, gym.spaces.Box | gym.spaces.Discrete):
-            self.onehot = int(space.n) if isinstance(space, gym.spaces.Discrete) else 0
+        else:
             self.net = nn.Sequential(
-                layer_init(nn.Linear(self.onehot or int(np.prod(space.shape)), 64)),
+                layer_init(nn.Linear(encoded_size(space), 64)),
                 nn.Tanh(),
                 layer_init(nn.Linear(64, 64)),
                 nn.Tanh(),
             )
             self.out_dim = 64
-        else:
-            raise UserError(f"ppo_lstm.py handles Box and Discrete observations and Dicts of them, not {space}")
 
     def forward(self, x):
         if self.image:
+            x = x.view(len(x), *self.shape)  # a Dict's entries arrive flattened
             x = x.permute(0, 3, 1, 2) if self.hwc else x
             # in channels-last memory, the layout that oneDNN's convolutions run fastest in
             return self.net(x.contiguous(memory_format=torch.channels_last) / 255.0)
-        return self.net(F.one_hot(x.long(), self.onehot).float() if self.onehot else x.flatten(1))
+        return self.net(x)
 
 
 class Agent(nn.Module):
@@ -386,11 +418,10 @@ class Agent(nn.Module):
     ):
         super().__init__()
         obs_space = observed_space(obs_space)
-        # A Dict observation gets one encoder per key, concatenated; it arrives flattened (ObsPreparer), keys in order.
-        self.dict_obs = isinstance(obs_space, gym.spaces.Dict)
-        self.obs_spaces = list(obs_space.values()) if self.dict_obs else [obs_space]
+        # A Dict or Tuple observation gets one encoder per entry, concatenated; it arrives flattened (ObsPreparer).
+        self.obs_spaces = obs_entries(obs_space)
         self.encoders = nn.ModuleList(Encoder(space) for space in self.obs_spaces)
-        self.obs_sizes = [int(np.prod(space.shape)) for space in self.obs_spaces]
+        self.obs_sizes = [encoded_size(space) for space in self.obs_spaces]
         self.obs_cols = sum(self.obs_sizes)  # the columns of an observation before any action mask
         self.lstm = nn.LSTM(sum(e.out_dim for e in self.encoders), lstm_hidden_size, lstm_num_layers)
         for name, param in self.lstm.named_parameters():  # as CleanRL's ppo_atari_lstm.py
@@ -429,11 +460,9 @@ class Agent(nn.Module):
     def encode(self, x):
         if x.dim() == 2 and x.shape[1] > self.obs_cols:  # without the action mask ObsPreparer appended (allowed)
             x = x[:, : self.obs_cols]
-            x = x if self.dict_obs else x.reshape(len(x), *self.obs_spaces[0].shape)
-        if not self.dict_obs:
+        if len(self.encoders) == 1:
             return self.encoders[0](x)
-        parts = x.split(self.obs_sizes, dim=1)
-        return torch.cat([e(p.view(len(x), *s.shape)) for e, p, s in zip(self.encoders, parts, self.obs_spaces)], 1)
+        return torch.cat([encoder(part) for encoder, part in zip(self.encoders, x.split(self.obs_sizes, 1))], 1)
 
     def get_states(self, x, lstm_state, starts):
         """LSTM outputs for the time-major steps x [T * B, ...] of B envs, from lstm_state (h, c) [layers, B, hidden],
@@ -623,7 +652,6 @@ def numpy_policy(agent: Agent, rng: np.random.Generator):
     actor, critic = numpy_module(agent.actor), numpy_module(agent.critic)
     if None in (*encoders, actor, critic):
         return None
-    onehots = [np.eye(encoder.onehot, dtype=np.float32) if encoder.onehot else None for encoder in agent.encoders]
     cells = [[w.detach().numpy().T for w in weights] for weights in lstm.all_weights]  # w_ih, w_hh, b_ih, b_hh
     split, size = np.cumsum(agent.obs_sizes)[:-1], lstm.hidden_size
     if agent.continuous:
@@ -632,19 +660,15 @@ def numpy_policy(agent: Agent, rng: np.random.Generator):
         padding = None if agent.logit_padding is None else agent.logit_padding.numpy()
         categories = np.arange(agent.logits_shape[1])  # for the sampled action's log-probability
 
-    cols, shape = agent.obs_cols, agent.obs_spaces[0].shape
+    cols = agent.obs_cols
     if not agent.continuous:
         slots, table_size = agent.mask_slots.cpu().numpy(), int(np.prod(agent.logits_shape))
 
     def policy(obs, state, starts, noise=None):
         flat_mask = None
-        if obs.ndim == 2 and obs.shape[1] > cols:  # an action mask follows the observation (Agent.allowed)
+        if obs.shape[1] > cols:  # an action mask follows the observation (Agent.allowed)
             obs, flat_mask = obs[:, :cols], obs[:, cols:]
-            obs = obs if agent.dict_obs else obs.reshape(len(obs), *shape)
-        parts = []
-        for x, encoder, onehot in zip(np.split(obs, split, axis=1) if agent.dict_obs else [obs], encoders, onehots):
-            x = onehot[x.reshape(len(x)).astype(np.int64)] if onehot is not None else x.reshape(len(x), -1)
-            parts.append(encoder(x))
+        parts = [encoder(x) for x, encoder in zip(np.split(obs, split, axis=1), encoders)]
         x = np.concatenate(parts, 1) if len(parts) > 1 else parts[0]
         state = state * ~starts[:, None] if starts.any() else state  # an episode begins: its env's state restarts
         new_state = np.empty_like(state)
@@ -832,38 +856,34 @@ class ReturnScaler(RunningMeanStd):
 
 
 class ObsPreparer:
-    """Env observations -> what the agent sees and the rollout stores: a Dict's entries flattened into one float32
-    vector per env (the Agent splits it again), velocities zeroed (--mask-velocity), normalised (--norm-obs); images
-    stay uint8, everything else becomes float32. Where the env gives an action mask (info["action_mask"] or a Dict
+    """Env observations -> what the agent sees and the rollout stores: velocities zeroed (--mask-velocity), encoded as
+    one float32 vector per env (encode_obs; the Agent splits a Dict's or Tuple's entries again), normalised
+    (--norm-obs); images stay uint8 as they are. Where the env gives an action mask (info["action_mask"] or a Dict
     observation's, see observed_space; flat over the components), it is appended to vector observations: stored and
     replayed with them, it gives the update the rollout's distribution."""
 
     def __init__(self, space: gym.Space, args: Args, action_space: gym.Space):
-        self.mask_in_obs, space = observed_space(space) is not space, observed_space(space)
+        self.mask_in_obs, self.space = observed_space(space) is not space, observed_space(space)
         discrete = not isinstance(action_space, gym.spaces.Box)
         self.use_mask, self.mask_size = args.action_mask and discrete, int(discrete and action_nvec(action_space).sum())
         self.masked = None  # whether the env gives masks: its first observations (a reset) tell
-        self.keys = list(space) if isinstance(space, gym.spaces.Dict) else None
-        self.dtype = np.uint8 if is_image(space) else np.float32
-        self.velocity_mask = velocity_mask(args, space)
-        if args.norm_obs and (not isinstance(space, gym.spaces.Box) or is_image(space)):
-            raise UserError(f"--norm-obs normalises Box observations other than images, not {space}")
-        self.obs_norm = ObsNormalizer(space.shape) if args.norm_obs else None
+        self.image, self.velocity_mask = is_image(self.space), velocity_mask(args, self.space)
+        if args.norm_obs and any(is_image(entry) for entry in obs_entries(self.space)):
+            raise UserError(f"--norm-obs normalises vector observations, not images ({self.space})")
+        self.obs_norm = ObsNormalizer((encoded_size(self.space),)) if args.norm_obs else None
 
     def __call__(self, obs, info: dict, update: bool = True) -> np.ndarray:
         """update=False freezes the normalisation statistics (evaluation)."""
         if self.mask_in_obs:
             obs, info = obs["observation"], {"action_mask": obs["action_mask"]}
-        if self.keys:
-            obs = np.concatenate([np.reshape(obs[k], (len(obs[k]), -1)) for k in self.keys], 1)
-        if self.velocity_mask is not None:
-            obs = obs * self.velocity_mask
-        if self.obs_norm:
-            obs = self.obs_norm(obs, update)
-        obs = obs.astype(self.dtype, copy=False)
+        if self.image:
+            obs = np.asarray(obs, dtype=np.uint8)
+        else:
+            obs = encode_obs(self.space, obs * self.velocity_mask if self.velocity_mask is not None else obs)
+            obs = self.obs_norm(obs, update) if self.obs_norm else obs
         if self.masked is None:
             self.masked = self.use_mask and "action_mask" in info
-            if self.masked and self.dtype == np.uint8:
+            if self.masked and self.image:
                 raise UserError("action masks are taken with vector observations, not images: pass --no-action-mask")
         if not self.masked:
             return obs
@@ -871,7 +891,7 @@ class ObsPreparer:
         if mask.shape[1] != self.mask_size:
             raise UserError(f"the env's action mask has {mask.shape[1]} entries for {self.mask_size} actions")
         mask[~info.get("_action_mask", np.ones(len(obs), dtype=bool))] = 1  # no mask at this step: all allowed
-        return np.concatenate([obs.reshape(len(obs), -1), mask], axis=1)
+        return np.concatenate([obs, mask], axis=1)
 
 
 class Progress:

@@ -42,7 +42,6 @@ import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import tyro
 from mpi4py import MPI
 from torch.utils.tensorboard import SummaryWriter
@@ -234,6 +233,34 @@ def observed_space(space: gym.Space) -> gym.Space:
     return space
 
 
+def encoded_size(space: gym.Space) -> int:
+    """The columns encode_obs gives a space's observations; raises UserError for a space it does not take."""
+    if isinstance(space, gym.spaces.Dict | gym.spaces.Tuple):
+        return sum(encoded_size(entry) for entry in (space.values() if isinstance(space, gym.spaces.Dict) else space))
+    if isinstance(space, gym.spaces.Box | gym.spaces.Discrete | gym.spaces.MultiDiscrete | gym.spaces.MultiBinary):
+        return gym.spaces.flatdim(space)
+    raise UserError(
+        f"the env's observations are {space}: supported are Box, Discrete, MultiDiscrete, MultiBinary, Dict, Tuple"
+    )
+
+
+def encode_obs(space: gym.Space, obs) -> np.ndarray:
+    """A batch of observations -> [batch, encoded_size] float32, encoded as SB3 does: Box and MultiBinary as floats,
+    Discrete and MultiDiscrete one-hot per component, the entries of a Dict or Tuple concatenated in order."""
+    if isinstance(space, gym.spaces.Dict):
+        return np.concatenate([encode_obs(entry, obs[key]) for key, entry in space.items()], 1)
+    if isinstance(space, gym.spaces.Tuple):
+        return np.concatenate([encode_obs(entry, part) for entry, part in zip(space, obs)], 1)
+    if isinstance(space, gym.spaces.Discrete | gym.spaces.MultiDiscrete):
+        nvec = np.reshape(space.n if isinstance(space, gym.spaces.Discrete) else space.nvec, -1)
+        # each component's category, offset by the sizes of the components before it
+        index = np.reshape(obs, (len(obs), -1)) - np.reshape(space.start, -1) + np.cumsum(nvec) - nvec
+        onehot = np.zeros((len(obs), int(nvec.sum())), np.float32)
+        np.put_along_axis(onehot, index.astype(np.int64), 1, axis=1)
+        return onehot
+    return np.reshape(obs, (len(obs), -1)).astype(np.float32, copy=False)
+
+
 def velocity_mask(args: Args, obs_space: gym.Space) -> np.ndarray | None:
     """With --mask-velocity, the factor that zeroes the velocity entries of an observation (a partially observable
     task, for comparison with ppo_lstm.py); None otherwise."""
@@ -286,18 +313,9 @@ class Agent(nn.Module):
 
     def __init__(self, obs_space: gym.Space, act_space: gym.Space):
         super().__init__()
-        obs_space = observed_space(obs_space)
         self.continuous = isinstance(act_space, gym.spaces.Box)
-        # Box-action tasks normalise their observations by running statistics: those must be Box.
-        if isinstance(obs_space, gym.spaces.Discrete) and not self.continuous:
-            self.obs_onehot, obs_dim = int(obs_space.n), int(obs_space.n)
-        elif isinstance(obs_space, gym.spaces.Box):
-            self.obs_onehot, obs_dim = 0, int(np.prod(obs_space.shape))
-        else:
-            raise UserError(
-                f"ppo_mpi.py handles Box observations, and Discrete ones with discrete actions, not {obs_space}"
-            )
-        self.obs_cols = 1 if self.obs_onehot else obs_dim  # the columns of an observation before any action mask
+        # observations arrive encoded as flat float vectors (ObsPreparer), any action mask after them
+        self.obs_cols = obs_dim = encoded_size(observed_space(obs_space))
         if self.continuous:
             # the Gaussian's mean, one number per action dimension
             self.action_size = num_outputs = int(np.prod(act_space.shape))
@@ -331,13 +349,11 @@ class Agent(nn.Module):
             self.register_buffer("mask_slots", torch.nonzero(~padding.view(-1)).squeeze(1), persistent=False)
 
     def features(self, x):
-        x = x.reshape(len(x), -1)[:, : self.obs_cols]  # without the action mask ObsPreparer may append
-        return F.one_hot(x[:, 0].long(), self.obs_onehot).float() if self.obs_onehot else x
+        return x[:, : self.obs_cols]  # without the action mask ObsPreparer may append
 
     def allowed(self, x):
         """The [batch, components, max size] table of the actions the env allows, from the flat action mask
         ObsPreparer appends to the observations; None where there is none."""
-        x = x.reshape(len(x), -1)
         if x.shape[1] == self.obs_cols:
             return None
         table = torch.zeros(len(x), self.logits_shape[0] * self.logits_shape[1], dtype=torch.bool, device=x.device)
@@ -415,7 +431,6 @@ def numpy_policy(agent: Agent, rng: np.random.Generator):
     actor, critic = numpy_module(agent.actor), numpy_module(agent.critic)
     if actor is None or critic is None:
         return None
-    onehot = np.eye(agent.obs_onehot, dtype=np.float32) if agent.obs_onehot else None
     if agent.continuous:
         logstd = agent.actor_logstd.detach().numpy()
     else:
@@ -425,8 +440,7 @@ def numpy_policy(agent: Agent, rng: np.random.Generator):
     cols = agent.obs_cols
 
     def policy(obs):
-        obs = obs.reshape(len(obs), -1)
-        x = onehot[obs[:, 0].astype(np.int64)] if agent.obs_onehot else obs[:, :cols]
+        x = obs[:, :cols]
         if agent.continuous:
             noise = rng.standard_normal((len(x), logstd.shape[-1]), dtype=np.float32)
             action = actor(x) + np.exp(logstd) * noise
@@ -759,24 +773,25 @@ class Progress:
 
 
 class ObsPreparer:
-    """Env observations -> what the agent sees and the rollout stores: velocities zeroed (--mask-velocity), float32,
-    and where the env gives an action mask (info["action_mask"] or a Dict observation's, see observed_space; flat
-    over the components as gymnasium's and SB3's), that mask appended: stored and replayed with its observation, it
-    gives the update the rollout's distribution."""
+    """Env observations -> what the agent sees and the rollout stores: velocities zeroed (--mask-velocity), encoded as
+    one float32 vector per env (encode_obs), and where the env gives an action mask (info["action_mask"] or a Dict
+    observation's, see observed_space; flat over the components as gymnasium's and SB3's), that mask appended: stored
+    and replayed with its observation, it gives the update the rollout's distribution."""
 
     def __init__(self, space: gym.Space, args: Args, action_space: gym.Space):
-        self.velocity_mask = velocity_mask(args, observed_space(space))
+        self.mask_in_obs, self.space = observed_space(space) is not space, observed_space(space)
+        self.size, self.velocity_mask = encoded_size(self.space), velocity_mask(args, self.space)
         discrete = not isinstance(action_space, gym.spaces.Box)
         self.use_mask, self.mask_size = args.action_mask and discrete, int(discrete and action_nvec(action_space).sum())
         self.masked = None  # whether the env gives masks: its first observations (a reset) tell
 
     def __call__(self, obs, info: dict, update: bool = True) -> np.ndarray:
         """update=False freezes any statistics the preparation keeps (evaluation)."""
-        if isinstance(obs, dict):  # a Dict of an observation and its action mask (observed_space)
+        if self.mask_in_obs:
             obs, info = obs["observation"], {"action_mask": obs["action_mask"]}
         if self.velocity_mask is not None:
             obs = obs * self.velocity_mask
-        obs = obs.astype(np.float32, copy=False)
+        obs = encode_obs(self.space, obs)
         if self.masked is None:
             self.masked = self.use_mask and "action_mask" in info
         if not self.masked:
@@ -785,7 +800,7 @@ class ObsPreparer:
         if mask.shape[1] != self.mask_size:
             raise UserError(f"the env's action mask has {mask.shape[1]} entries for {self.mask_size} actions")
         mask[~info.get("_action_mask", np.ones(len(obs), dtype=bool))] = 1  # no mask at this step: all allowed
-        return np.concatenate([obs.reshape(len(obs), -1), mask], axis=1)
+        return np.concatenate([obs, mask], axis=1)
 
 
 def evaluate(
@@ -931,7 +946,7 @@ def main(args: Args, comm: MPI.Comm) -> None:
 
     # Box-action tasks normalise observations and scale rewards by running statistics, as ppo_continuous.py.
     normalize = agent.continuous
-    obs_shape = envs.single_observation_space.shape
+    obs_shape = (encoded_size(observed_space(envs.single_observation_space)),)  # as ObsPreparer encodes them
     obs_norm = ObsNormalizer(obs_shape) if normalize else None
     return_scaler = ReturnScaler(num_ranks * args.num_envs, args.gamma) if normalize else None
     if checkpoint and normalize:
@@ -1002,11 +1017,11 @@ def main(args: Args, comm: MPI.Comm) -> None:
 
     tracker, recent_returns = EpisodeTracker(args.num_envs), deque(maxlen=100)
     progress = Progress(args.total_timesteps, global_step) if rank == 0 else None
-    obs_space, rng = observed_space(envs.single_observation_space), np.random.default_rng(seed)
-    obs_space.seed(seed)
-    probe = np.stack([obs_space.sample() for _ in range(64)]).astype(np.float32)
+    rng, samples = np.random.default_rng(seed), gym.vector.utils.batch_space(prepare.space, 64)
+    samples.seed(seed)
+    probe = encode_obs(prepare.space, samples.sample())
     if prepare.masked:  # with random action masks appended, as ObsPreparer appends the env's
-        probe = np.concatenate([probe.reshape(64, -1), rng.random((64, prepare.mask_size)) < 0.7], 1, dtype=np.float32)
+        probe = np.concatenate([probe, rng.random((64, prepare.mask_size)) < 0.7], 1, dtype=np.float32)
     policy = rollout_policy(agent, rng, device, probe)
     start_time, start_step = time.time(), global_step
     final_step = global_step + num_iterations * global_batch

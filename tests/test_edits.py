@@ -42,7 +42,7 @@ MLP = {
             "    def features(self, x):\n        return self.trunk(self.encode(x))\n\n    def encode(self, x):\n",
         ),
     ],
-    "features": [("if self.obs_onehot else x\n", f"if self.obs_onehot else {SYMLOG}\n")],
+    "features": [("return x[:, : self.obs_cols]", f"x = x[:, : self.obs_cols]\n        return {SYMLOG}")],
     # a residual input branch initialised to zero: the network is unchanged until it trains, then it is not
     "zero-init branch": [
         (
@@ -67,10 +67,15 @@ CATALOGUE = {
     "ppo_mpi.py": MLP,
     "ppo_continuous.py": MLP
     | {
-        "features": [("        return x.flatten(1)\n", f"        return {SYMLOG}\n")],
+        "features": [
+            ("    def features(self, x):\n        return x\n", f"    def features(self, x):\n        return {SYMLOG}\n")
+        ],
         "zero-init branch": [
             MLP["zero-init branch"][0],
-            ("        return x.flatten(1)\n", "        x = x.flatten(1)\n        return x + self.branch(x)\n"),
+            (
+                "    def features(self, x):\n        return x\n",
+                "    def features(self, x):\n        return x + self.branch(x)\n",
+            ),
         ],
     },
     "ppo_atari.py": {
@@ -92,12 +97,12 @@ CATALOGUE = {
         "relu": RELU,
         "layernorm": [
             (
-                "layer_init(nn.Linear(self.onehot or int(np.prod(space.shape)), 64)),",
-                "layer_init(nn.Linear(self.onehot or int(np.prod(space.shape)), 64)), nn.LayerNorm(64),",
+                "layer_init(nn.Linear(encoded_size(space), 64)),",
+                "layer_init(nn.Linear(encoded_size(space), 64)), nn.LayerNorm(64),",
             )
         ],
         "wide": [(", 64)", ", 256)"), ("(64, ", "(256, "), ("self.out_dim = 64", "self.out_dim = 256")],
-        "features": [("else x.flatten(1))", f"else {SYMLOG})")],
+        "features": [("        return self.net(x)\n", f"        return self.net({SYMLOG})\n")],
         "adamw": ADAMW,
         "param groups": GROUPS,
         "zero_grad": ZERO_GRAD,

@@ -128,6 +128,7 @@ SPACES = {
     "multidiscrete ragged 2-D": (gym.spaces.Box(-1, 1, (3, 2)), gym.spaces.MultiDiscrete([[3, 2], [4, 5]])),
     "multibinary": (gym.spaces.Box(-1, 1, (4,)), gym.spaces.MultiBinary(5)),
     "discrete observations": (gym.spaces.Discrete(7), gym.spaces.Discrete(3)),
+    "nested observations": (tests.toy_envs.MixedObsToy.observation_space, gym.spaces.MultiDiscrete([3, 2])),
 }
 
 
@@ -139,7 +140,9 @@ def test_numpy_policy_matches_torch(name):
     with torch.no_grad():  # larger output weights than the init's, so that the distributions are far from uniform
         agent.actor[-1].weight.mul_(300)
     policy = ppo.numpy_policy(agent, np.random.default_rng(0))
-    obs = np.stack([obs_space.sample() for _ in range(64)]).astype(np.float32)
+    samples = gym.vector.utils.batch_space(obs_space, 64)
+    samples.seed(0)
+    obs = ppo.encode_obs(obs_space, samples.sample())
     action, logprob, value = policy(obs)
     _, t_logprob, _, t_value = agent.get_action_and_value(torch.from_numpy(obs), torch.from_numpy(action))
     np.testing.assert_allclose(logprob, t_logprob.detach().numpy(), rtol=1e-4, atol=1e-5)
@@ -223,8 +226,8 @@ def test_greedy_takes_the_most_likely_action():
 def test_unsupported_spaces_are_named():
     with pytest.raises(ppo.UserError, match="ppo_continuous.py"):
         ppo.Agent(gym.spaces.Box(-1, 1, (3,)), gym.spaces.Box(-1, 1, (2,)))
-    with pytest.raises(ppo.UserError, match="Dict"):
-        ppo.Agent(gym.spaces.Dict({"a": gym.spaces.Discrete(2)}), gym.spaces.Discrete(2))
+    with pytest.raises(ppo.UserError, match="observations are Text"):
+        ppo.Agent(gym.spaces.Dict({"a": gym.spaces.Discrete(2), "b": gym.spaces.Text(3)}), gym.spaces.Discrete(2))
 
 
 def test_numpy_module_mirrors_the_layers_it_knows_and_only_those():
@@ -424,6 +427,8 @@ def test_train_log_checkpoint_eval_resume(workdir):
         "tests.toy_envs:MultiBinaryToy-v0",
         "tests.toy_envs:OffsetDiscreteToy-v0",
         "FrozenLake-v1",  # Discrete observations, one-hot encoded
+        "Blackjack-v1",  # a Tuple of Discrete observations
+        "tests.toy_envs:MixedObsToy-v0",  # every space, nested
     ],
 )
 def test_action_and_observation_spaces(workdir, env_id):
@@ -516,3 +521,78 @@ def test_mask_velocity_zeroes_the_velocities(workdir):
     assert result.returncode == 2 and "--mask-velocity True" in result.stderr  # resuming repeats the observations
     result = run_in_process("ppo.py", "--mask-velocity", "--env-id", "FrozenLake-v1", cwd=workdir)
     assert result.returncode == 2 and "--mask-velocity: no velocity entries known for FrozenLake-v1" in result.stderr
+
+
+# ---------------------------------------------------------------- behaviour-cloning pretraining
+
+
+def cartpole_expert_dataset(path, episodes: int = 10, **changes) -> None:
+    """An expert dataset as --save-dataset writes it, of a linear CartPole controller that balances all 500 steps."""
+    env, observations, actions = gym.make("CartPole-v1"), [], []
+    for episode in range(episodes):
+        obs, _ = env.reset(seed=episode)
+        done = False
+        while not done:
+            action = int(np.dot([0.1, 0.5, 10, 1], obs) > 0)
+            observations.append(obs)
+            actions.append([action])
+            obs, _, terminated, truncated, _ = env.step(action)
+            done = terminated or truncated
+    dataset = dict(script="ppo.py", env_id="CartPole-v1", mask_velocity=False, observations=np.array(observations))
+    np.savez(path, **(dataset | {"actions": np.array(actions), "returns": np.full(episodes, 500.0)} | changes))
+
+
+def test_save_dataset_records_the_greedy_evaluation(workdir):
+    assert (
+        run_in_process("ppo.py", "--total-timesteps", "256", "--eval-episodes", "0", *SMALL, cwd=workdir).returncode
+        == 0
+    )
+    checkpoint = only_run_dir(workdir) / "checkpoint.pt"
+    args = ["--eval-checkpoint", str(checkpoint), "--eval-episodes", "3", "--save-dataset", "expert.npz"]
+    result = run_in_process("ppo.py", *args, cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    with np.load(workdir / "expert.npz") as data:
+        assert (str(data["script"]), str(data["env_id"]), len(data["returns"])) == ("ppo.py", "CartPole-v1", 3)
+        observations, actions = data["observations"], data["actions"]
+        assert len(observations) == data["returns"].sum()  # CartPole pays 1 a step: every step of 3 episodes, once
+    agent = ppo.Agent(gym.spaces.Box(-np.inf, np.inf, (4,)), gym.spaces.Discrete(2))
+    agent.load_state_dict(torch.load(checkpoint, weights_only=True)["model"])
+    greedy = agent.get_action_and_value(torch.from_numpy(observations), greedy=True)[0].numpy()
+    np.testing.assert_array_equal(greedy, actions)  # what the greedy policy chose on what it saw
+
+
+def test_behaviour_cloning_starts_ppo_near_the_expert(workdir):
+    """10 expert episodes (return 500): the pretrained actor's greedy return, before any PPO update, is near it. An
+    untrained one scores ~10 (calibration: 500.0 greedy after cloning on seeds 1-3, accuracy 0.95-0.99)."""
+    cartpole_expert_dataset(workdir / "expert.npz")
+    args = ["--bc-dataset", "expert.npz", "--total-timesteps", "128", "--eval-episodes", "3", *SMALL[:4]]
+    result = run_in_process("ppo.py", *args, "--num-minibatches", "2", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    scalars = read_scalars(only_run_dir(workdir))
+    assert [step for step, _ in scalars["bc/loss"]] == list(range(1, 11))
+    assert scalars["bc/loss"][-1][1] < scalars["bc/loss"][0][1] and scalars["bc/accuracy"][-1][1] > 0.9
+    assert scalars["bc/greedy_return"][0][1] >= 400
+
+
+@pytest.mark.parametrize(
+    "kind, content, message",
+    [
+        ("none", None, "expert.npz: no such file"),
+        ("bytes", b"not a zip file", "is not a readable .npz file"),
+        ("npz", {"observations": np.zeros((2, 4))}, "is not a dataset of this project"),
+        ("expert", {"env_id": "Acrobot-v1"}, "was recorded with env_id Acrobot-v1, not CartPole-v1"),
+        ("expert", {"script": "ppo_continuous.py"}, "was recorded with script ppo_continuous.py, not ppo.py"),
+        ("expert", {"mask_velocity": True}, "was recorded with mask_velocity True, not False"),
+        ("expert", {"observations": np.zeros((5000, 6), np.float32)}, "observations or actions do not fit CartPole"),
+        ("expert", {"actions": np.full((5000, 1), 2)}, "observations or actions do not fit CartPole-v1's"),
+    ],
+)
+def test_a_bad_dataset_is_one_line(workdir, kind, content, message):
+    if kind == "bytes":
+        (workdir / "expert.npz").write_bytes(content)
+    elif kind == "npz":
+        np.savez(workdir / "expert.npz", **content)
+    elif kind == "expert":
+        cartpole_expert_dataset(workdir / "expert.npz", **content)
+    result = run_in_process("ppo.py", "--bc-dataset", "expert.npz", "--total-timesteps", "128", *SMALL, cwd=workdir)
+    assert result.returncode == 2 and message in result.stderr and len(result.stderr.splitlines()) == 1, result.stderr

@@ -163,6 +163,7 @@ MASKED_SPACES = [  # observations, actions, gSDE, an action mask
     (gym.spaces.Discrete(5), gym.spaces.MultiBinary(3), False, False),  # one-hot
     (gym.spaces.Discrete(5), gym.spaces.Discrete(5), False, True),  # one-hot, with an action mask
     (gym.spaces.Dict({"a": gym.spaces.Box(-1, 1, (2,)), "b": gym.spaces.Discrete(3)}), gym.spaces.Discrete(4), 0, 0),
+    (tests.toy_envs.MixedObsToy.observation_space, gym.spaces.Discrete(4), False, True),  # every space, nested
     (gym.spaces.Box(-1, 1, (4,)), gym.spaces.Box(-2, 2, (2,)), False, False),  # Gaussian
     (gym.spaces.Box(-1, 1, (4,)), gym.spaces.Box(-2, 2, (2,)), True, False),  # gSDE
 ]
@@ -247,8 +248,8 @@ def test_dict_observations_get_one_encoder_per_key():
     samples = [space.sample() for _ in range(4)]
     batched = {k: np.stack([s[k] for s in samples]) for k in space}
     flat = torch.from_numpy(ppo_lstm.ObsPreparer(space, ppo_lstm.Args(), gym.spaces.Discrete(2))(batched, {}))
-    assert flat.dtype == torch.float32 and flat.shape == (4, 36 * 36 * 3 + 1 + 2)
-    by_key = [e(torch.as_tensor(batched[k])) for e, k in zip(agent.encoders, space)]
+    assert flat.dtype == torch.float32 and flat.shape == (4, 36 * 36 * 3 + 2 + 3)  # "mode" one-hot
+    by_key = [e(torch.from_numpy(ppo_lstm.encode_obs(space[k], batched[k]))) for e, k in zip(agent.encoders, space)]
     torch.testing.assert_close(agent.encode(flat), torch.cat(by_key, 1))
 
 
@@ -367,7 +368,8 @@ def test_checkpoint_eval_resume_rebuild_the_network(workdir):
         ("tests.toy_envs:MultiBinaryToy-v0", []),
         ("tests.toy_envs:OffsetDiscreteToy-v0", []),
         ("FrozenLake-v1", []),  # Discrete observations
-        ("tests.toy_envs:DictObsToy-v0", []),
+        ("tests.toy_envs:MixedObsToy-v0", []),
+        ("Blackjack-v1", []),
         ("tests.toy_envs:ImageObsToy-v0", []),
         ("tests.toy_envs:DictImageToy-v0", []),
         ("tests.toy_envs:BoxActionToy-v0", ["--norm-obs", "--norm-reward"]),

@@ -64,18 +64,55 @@ class OffsetDiscreteToy(MatchEnv):
         return np.asarray(action).reshape(-1) - self.action_space.start
 
 
-class DictObsToy(gym.Env):
-    """An observation space that ppo.py does not take."""
+class MixedObsToy(gym.Env):
+    """Every observation space the scripts take, nested: a Dict of a Box, a MultiBinary and a Tuple of a Discrete
+    (numbered from 1) and a MultiDiscrete. Reward: 1 when the action names the Discrete entry (counted from 0)."""
 
-    observation_space = gym.spaces.Dict({"a": gym.spaces.Box(-1, 1, (2,)), "b": gym.spaces.Discrete(3)})
-    action_space = gym.spaces.Discrete(2)
+    observation_space = gym.spaces.Dict(
+        {
+            "position": gym.spaces.Box(-1, 1, (2,)),
+            "bits": gym.spaces.MultiBinary(3),
+            "pair": gym.spaces.Tuple((gym.spaces.Discrete(3, start=1), gym.spaces.MultiDiscrete([2, 4]))),
+        }
+    )
+    action_space = gym.spaces.Discrete(3)
+
+    def _obs(self):
+        obs = self.observation_space.sample()
+        self.target = int(obs["pair"][0]) - 1
+        return obs
 
     def reset(self, *, seed=None, options=None):
         super().reset(seed=seed)
-        return self.observation_space.sample(), {}
+        self.observation_space.seed(int(self.np_random.integers(2**31)))
+        return self._obs(), {}
 
     def step(self, action):
-        return self.observation_space.sample(), 0.0, False, False, {}
+        assert self.action_space.contains(np.asarray(action, dtype=self.action_space.dtype)), action
+        reward = self.reward(action)
+        return self._obs(), reward, False, False, {}
+
+    def reward(self, action):
+        return float(action == self.target)
+
+
+class MixedObsBoxToy(MixedObsToy):
+    """MixedObsToy with a Box action: reward minus its distance from the Discrete entry (counted from 0)."""
+
+    action_space = gym.spaces.Box(-1.0, 3.0, (1,), np.float32)
+
+    def reward(self, action):
+        return -abs(float(np.asarray(action).reshape(-1)[0]) - self.target)
+
+
+class TextObsToy(MixedObsBoxToy):
+    """An observation space no script takes."""
+
+    observation_space = gym.spaces.Text(5)
+
+    def _obs(self):
+        self.target = 0
+        return self.observation_space.sample()
 
 
 class BoxActionToy(gym.Env):
@@ -160,8 +197,8 @@ class StrictMaskedToy(MaskedToy):
     strict = True
 
 
-toys = (MultiDiscreteToy, MultiBinaryToy, OffsetDiscreteToy, DictObsToy, BoxActionToy, NaNObsToy, MaskedToy)
-for _cls in (*toys, MaskedDictToy, StrictMaskedToy):
+toys = (MultiDiscreteToy, MultiBinaryToy, OffsetDiscreteToy, MixedObsToy, MixedObsBoxToy, TextObsToy, BoxActionToy)
+for _cls in (*toys, NaNObsToy, MaskedToy, MaskedDictToy, StrictMaskedToy):
     gym.register(id=f"{_cls.__name__}-v0", entry_point=f"{__name__}:{_cls.__name__}", max_episode_steps=16)
 
 
