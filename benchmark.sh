@@ -16,7 +16,7 @@ set -euo pipefail
 
 usage() {
   sed -n '2,/^set /{/^#/s/^# \{0,1\}//p}' "$0"
-  echo "Options: --preset quick|classic|mujoco|atari|recurrent|mpi  --seeds N (3)  --workers N (1)"
+  echo "Options: --preset quick|classic|mujoco|atari|recurrent|masking|mpi  --seeds N (3)  --workers N (1)"
   echo "         --tasks REGEX (all)  --out DIR (benchmark/results)  --python PATH (.venv/bin/python)  --dry-run  -- FLAGS"
 }
 
@@ -62,7 +62,8 @@ MOUNTAINCAR_LSTM="$MOUNTAINCAR_NOVEL --gsde --norm-obs --norm-reward"
 # 2 cores allow: see README), envpool's env (faster than gymnasium's at 8 envs).
 CARRACING_LSTM="--env-backend envpool --num-envs 8 --num-steps 512 --seq-len 128 --num-minibatches 32 --update-epochs 4 --learning-rate 3e-5 --gamma 0.99 --gae-lambda 0.9 --ent-coef 0 --clip-coef 0.4 --gsde --sde-sample-freq 4 --log-std-init -2 --eval-episodes 3"
 
-# One run spec per line: task | script | env id | total steps | MPI ranks (0: no mpiexec) | flags
+# One run spec per line: task | script | env id | total steps | MPI ranks (0: no mpiexec) | flags | variant (a label
+# that tells apart two runs of one script on one task, e.g. with and without a flag)
 case $preset in
   quick) specs="
 CartPole-v1|ppo.py|CartPole-v1|500000|0|
@@ -92,14 +93,19 @@ LunarLander-v3 velocity masked|ppo.py|LunarLander-v3|1000000|0|$LUNARLANDER_NOVE
 MountainCarContinuous-v0 velocity masked|ppo_lstm.py|MountainCarContinuous-v0|300000|0|$MOUNTAINCAR_LSTM
 MountainCarContinuous-v0 velocity masked|ppo_continuous.py|MountainCarContinuous-v0|300000|0|$MOUNTAINCAR_NOVEL
 CarRacing-v3|ppo_lstm.py|CarRacing-v3|100000|0|$CARRACING_LSTM" ;;
+  masking) specs="
+Taxi-v4|ppo.py|Taxi-v4|500000|0|
+Taxi-v4|ppo.py|Taxi-v4|500000|0|--no-action-mask|--no-action-mask
+ConnectFour-v0|ppo.py|benchmark.masked_tasks:ConnectFour-v0|500000|0|
+ConnectFour-v0|ppo.py|benchmark.masked_tasks:ConnectFour-v0|500000|0|--no-action-mask|--no-action-mask" ;;
   mpi) specs="
 CartPole-v1|ppo_mpi.py|CartPole-v1|500000|1|
 CartPole-v1|ppo_mpi.py|CartPole-v1|500000|2|
 CartPole-v1|ppo.py|CartPole-v1|500000|0|
 CartPole-v1 same batch|ppo_mpi.py|CartPole-v1|500000|2|--num-envs 2
 CartPole-v1 same batch|ppo.py|CartPole-v1|500000|0|" ;;
-  "") echo "error: --preset is required (quick, classic, mujoco, atari, recurrent or mpi)" >&2; exit 2 ;;
-  *) echo "error: --preset $preset is unknown; pick quick, classic, mujoco, atari, recurrent or mpi" >&2; exit 2 ;;
+  "") echo "error: --preset is required (quick, classic, mujoco, atari, recurrent, masking or mpi)" >&2; exit 2 ;;
+  *) echo "error: --preset $preset is unknown; pick quick, classic, mujoco, atari, recurrent, masking or mpi" >&2; exit 2 ;;
 esac
 
 # run_one DIR CMD...: run CMD in DIR unless DIR holds a finished run; the wall time goes to DIR/done.
@@ -119,12 +125,13 @@ run_one() {
 failures=0
 # `wait -n` returns the status of the run that ended; a failure is counted, never swallowed.
 reap() { wait -n && return 0; failures=$((failures + 1)); }
-while IFS='|' read -r task script env steps ranks flags; do
+while IFS='|' read -r task script env steps ranks flags variant; do
   [[ -n $task ]] || continue
   [[ -z $tasks || $task =~ $tasks ]] || continue
   label=$script
   launch=("$python" "$repo/$script")
   if ((ranks > 0)); then label="$script x$ranks" launch=("$mpiexec" -n "$ranks" "${launch[@]}"); fi
+  label+=${variant:+ $variant}
   for seed in $(seq 1 "$seeds"); do
     dir="$out/$preset/${task// /_}/${label// /_}/seed$seed"
     # shellcheck disable=SC2086  # $flags holds several words on purpose

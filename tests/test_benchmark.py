@@ -12,7 +12,7 @@ spec = importlib.util.spec_from_file_location("report", REPO / "benchmark" / "re
 report = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(report)
 
-PRESETS = ["quick", "classic", "mujoco", "atari", "recurrent", "mpi"]
+PRESETS = ["quick", "classic", "mujoco", "atari", "recurrent", "masking", "mpi"]
 
 
 def bench(*args, cwd):
