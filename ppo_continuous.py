@@ -11,6 +11,7 @@ Details: Huang et al. 2022, "The 37 Implementation Details of Proximal Policy Op
 
     python ppo_continuous.py                                       # HalfCheetah-v4, 1M steps
     python ppo_continuous.py --env-id Pendulum-v1 --seed 2 --track # log to wandb as well
+    python ppo_continuous.py --env-id Hopper-v4 --gsde --sde-sample-freq 4 --log-std-init -2   # explore by gSDE
     python ppo_continuous.py --eval-checkpoint runs/RUN/checkpoint.pt --capture-video
     python ppo_continuous.py --eval-checkpoint runs/RUN/checkpoint.pt --save-dataset expert.npz
     python ppo_continuous.py --bc-dataset expert.npz               # clone the expert's steps, then PPO
@@ -113,6 +114,12 @@ class Args:
     """the maximum norm of the gradient (clipped above it)"""
     target_kl: float | None = None
     """stop the update epochs early once the approximate KL passes this (None: never)"""
+    gsde: bool = False
+    """if toggled, explore by gSDE (Raffin et al. 2021): noise linear in the actor's hidden features, smooth in time"""
+    sde_sample_freq: int = 0
+    """with --gsde, draw new noise weights every this many steps (0: only at the start of each rollout)"""
+    log_std_init: float = 0.0
+    """the initial log-std of the Gaussian policy (with --gsde: of each noise weight)"""
 
 
 class UserError(Exception):
@@ -183,6 +190,8 @@ def validate_args(args: Args) -> None:
         raise UserError(
             f"--mask-velocity: no velocity entries known for {args.env_id}; it takes {', '.join(VELOCITY_ENTRIES)}"
         )
+    if args.sde_sample_freq < 0 or not abs(args.log_std_init) < np.inf:
+        raise UserError("--sde-sample-freq must be 0 (each rollout's start) or more, --log-std-init a finite number")
 
 
 def gymnasium_has(env_id: str) -> bool:
@@ -271,6 +280,7 @@ def to_env_action(action: np.ndarray, space: gym.spaces.Box) -> np.ndarray:
 
 # log sqrt(2 pi), the constant of the Gaussian's log-density and entropy
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+SDE_EPS = 1e-6  # added to gSDE's variance: a latent of zeros would give a std of 0
 
 
 def choose_device(cuda: bool) -> torch.device:
@@ -286,7 +296,7 @@ def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
 
 
 class Agent(nn.Module):
-    def __init__(self, obs_space: gym.Space, act_space: gym.Space):
+    def __init__(self, obs_space: gym.Space, act_space: gym.Space, gsde: bool = False, log_std_init: float = 0.0):
         super().__init__()
         if not isinstance(act_space, gym.spaces.Box):
             discrete = (gym.spaces.Discrete, gym.spaces.MultiDiscrete, gym.spaces.MultiBinary)
@@ -302,7 +312,9 @@ class Agent(nn.Module):
             layer_init(nn.Linear(64, 1), std=1.0),
         )
         # The actor gives the Gaussian's mean; its log-std is one learned number per action dimension, independent of
-        # the state (PPO paper, CleanRL), starting at 0: std 1.
+        # the state (PPO paper, CleanRL), starting at 0: std 1. gSDE learns one per (latent, action) pair instead, the
+        # latent being the input of the actor's last layer: the noise is the latent times weights of these stds
+        # (sample_noise), so its std depends on the state.
         self.actor = nn.Sequential(
             layer_init(nn.Linear(obs_dim, 64)),
             nn.Tanh(),
@@ -310,7 +322,8 @@ class Agent(nn.Module):
             nn.Tanh(),
             layer_init(nn.Linear(64, act_dim), std=0.01),
         )
-        self.actor_logstd = nn.Parameter(torch.zeros(1, act_dim))
+        self.gsde, rows = gsde, self.actor[-1].in_features if gsde else 1
+        self.actor_logstd = nn.Parameter(torch.full((rows, act_dim), float(log_std_init)))
 
     def features(self, x):
         return x
@@ -318,14 +331,29 @@ class Agent(nn.Module):
     def get_value(self, x):
         return self.critic(self.features(x)).squeeze(-1)
 
-    def get_action_and_value(self, x, action=None, greedy=False):
+    def sample_noise(self, num_envs: int, rng: np.random.Generator) -> np.ndarray:
+        """gSDE's noise weights, one matrix per env [envs, latent size, actions], each entry N(0, its std^2)."""
+        std = self.actor_logstd.detach().exp().cpu().numpy()
+        return std * rng.standard_normal((num_envs, *std.shape), dtype=np.float32)
+
+    def get_action_and_value(self, x, action=None, greedy=False, noise=None):
+        """With gSDE a sampled action needs noise, the weights of sample_noise."""
         # Gaussian maths written out: torch.distributions objects cost more than the network at this size.
         x = self.features(x)
-        action_mean, action_std = self.actor(x), self.actor_logstd.exp()
-        if action is None:
-            action = action_mean if greedy else action_mean + action_std * torch.randn_like(action_mean)
-        logprob = (-0.5 * ((action - action_mean) / action_std).square() - self.actor_logstd - HALF_LOG_2PI).sum(-1)
-        entropy = (0.5 + HALF_LOG_2PI + self.actor_logstd).sum(-1).expand(len(x))
+        if self.gsde:  # noise = latent @ weights: Gaussian, variance latent^2 @ std^2 (latent detached, as SB3)
+            latent = self.actor[:-1](x)
+            action_mean, latent = self.actor[-1](latent), latent.detach()
+            log_std = 0.5 * (latent.square() @ (2 * self.actor_logstd).exp() + SDE_EPS).log()
+        else:
+            action_mean, log_std = self.actor(x), self.actor_logstd
+        if action is None and greedy:
+            action = action_mean
+        elif action is None and self.gsde:
+            action = action_mean + (latent.unsqueeze(1) @ noise).squeeze(1)
+        elif action is None:
+            action = action_mean + log_std.exp() * torch.randn_like(action_mean)
+        logprob = (-0.5 * ((action - action_mean) / log_std.exp()).square() - log_std - HALF_LOG_2PI).sum(-1)
+        entropy = (0.5 + HALF_LOG_2PI + log_std).sum(-1).expand(len(x))
         return action, logprob, entropy, self.critic(x).squeeze(-1)
 
 
@@ -369,18 +397,23 @@ def numpy_policy(agent: Agent, rng: np.random.Generator):
     """The rollout's sampling written in NumPy, derived from the agent's actor and critic: at a few envs a torch forward
     is dozens of small ops, each paying its dispatch, and this runs faster per env step. obs -> (action, logprob,
     value), as get_action_and_value; None where the actor or critic holds a layer numpy_module does not know."""
-    actor, critic = numpy_module(agent.actor), numpy_module(agent.critic)
-    if actor is None or critic is None:
+    trunk, head = (agent.actor[:-1], agent.actor[-1]) if agent.gsde else (agent.actor, nn.Identity())
+    trunk, head, critic = numpy_module(trunk), numpy_module(head), numpy_module(agent.critic)
+    if trunk is None or head is None or critic is None:
         return None
     logstd = agent.actor_logstd.detach().numpy()
 
-    def policy(obs):
-        x = obs.reshape(len(obs), -1)
-        noise = rng.standard_normal((len(x), logstd.shape[-1]), dtype=np.float32)
-        action = actor(x) + np.exp(logstd) * noise
-        # the Gaussian log-density at the sample, where (action - mean) / std is the noise, over all dimensions
-        logprob = (-0.5 * np.square(noise) - logstd - HALF_LOG_2PI).sum(-1)
-        return action, logprob, critic(x)[:, 0]
+    def policy(obs, noise=None):
+        latent = trunk(obs)
+        if agent.gsde:
+            std = np.sqrt(np.square(latent) @ np.exp(2 * logstd) + SDE_EPS)
+            deviation = np.einsum("bh,bha->ba", latent, noise)
+        else:
+            std = np.exp(logstd)
+            deviation = std * rng.standard_normal((len(obs), logstd.shape[-1]), dtype=np.float32)
+        # the Gaussian log-density at the sample, over all dimensions
+        logprob = (-0.5 * np.square(deviation / std) - np.log(std) - HALF_LOG_2PI).sum(-1)
+        return head(latent) + deviation, logprob, critic(obs)[:, 0]
 
     return policy
 
@@ -417,9 +450,10 @@ def check_rollout(newlogprob, logprob, newvalue, value, iteration: int, toleranc
 def torch_policy(agent: Agent, device: torch.device):
     """The rollout's sampling by the torch network itself: obs -> (action, logprob, value), NumPy in and out."""
 
-    def policy(obs):
+    def policy(obs, noise=None):
         with torch.inference_mode():  # no autograd bookkeeping at all: the fastest mode
-            action, logprob, _, value = agent.get_action_and_value(torch.from_numpy(obs).to(device))
+            noise = None if noise is None else torch.from_numpy(noise).to(device)
+            action, logprob, _, value = agent.get_action_and_value(torch.from_numpy(obs).to(device), noise=noise)
         return action.cpu().numpy(), logprob.cpu().numpy(), value.cpu().numpy()
 
     return policy
@@ -436,9 +470,9 @@ def rollout_policy(agent: Agent, rng: np.random.Generator, device: torch.device,
             for p in twin.parameters():
                 p.add_(0.1 * torch.randn(p.shape, generator=noise))
         try:
-            mismatch = ""
+            mismatch, noise = "", agent.sample_noise(len(probe), rng) if agent.gsde else None
             for network, mirror in ((agent, policy), (twin, numpy_policy(twin, rng))):
-                action, logprob, value = mirror(probe)
+                action, logprob, value = mirror(probe, noise)
                 with torch.no_grad():
                     _, newlogprob, _, newvalue = network.get_action_and_value(*map(torch.from_numpy, (probe, action)))
                 mismatch = mismatch or rollout_mismatch(newlogprob, logprob, newvalue, value)
@@ -760,8 +794,9 @@ def main(args: Args) -> None:
     if args.eval_checkpoint or args.resume:
         flag = "--eval-checkpoint" if args.eval_checkpoint else "--resume"
         checkpoint = load_checkpoint(args.eval_checkpoint or args.resume, flag, script)
-        # The env and its observations are the checkpoint's: evaluation takes them, resuming must repeat them.
-        for key in ("env_id", "mask_velocity"):
+        # The env, its observations and the network are the checkpoint's: evaluation takes them, resuming must repeat
+        # them.
+        for key in ("env_id", "mask_velocity", "gsde"):
             value = checkpoint["args"].get(key, False)
             if args.eval_checkpoint:
                 setattr(args, key, value)
@@ -779,7 +814,7 @@ def main(args: Args) -> None:
 
     if args.eval_checkpoint:
         envs = make_envs(args.env_id, 1, args.seed, backend)
-        agent = Agent(envs.single_observation_space, envs.single_action_space).to(device)
+        agent = Agent(envs.single_observation_space, envs.single_action_space, args.gsde, args.log_std_init).to(device)
         prepare = ObsPreparer(envs.single_observation_space, args)
         envs.close()
         load_agent(agent, checkpoint, "--eval-checkpoint")
@@ -806,7 +841,7 @@ def main(args: Args) -> None:
     torch.manual_seed(seed)
 
     envs = make_envs(args.env_id, args.num_envs, seed, backend)
-    agent = Agent(envs.single_observation_space, envs.single_action_space).to(device)
+    agent = Agent(envs.single_observation_space, envs.single_action_space, args.gsde, args.log_std_init).to(device)
     prepare = ObsPreparer(envs.single_observation_space, args)
     # Fused Adam: one kernel for every parameter instead of a loop of small ones (README, Speed).
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
@@ -864,7 +899,8 @@ def main(args: Args) -> None:
     samples = gym.vector.utils.batch_space(prepare.space, 64)
     samples.seed(seed)
     probe = encode_obs(prepare.space, samples.sample())
-    policy = rollout_policy(agent, np.random.default_rng(seed), device, probe)
+    rng = np.random.default_rng(seed)
+    policy = rollout_policy(agent, rng, device, probe)
     start_time, start_step = time.time(), global_step
 
     for iteration in range(start_iteration, num_iterations + 1):
@@ -877,7 +913,9 @@ def main(args: Args) -> None:
             global_step += args.num_envs
             obs[step] = next_obs
             resets[step] = tracker.reset
-            actions[step], logprobs[step], values[step] = policy(obs[step])
+            if agent.gsde and step % (args.sde_sample_freq or args.num_steps) == 0:
+                noise = agent.sample_noise(args.num_envs, rng)  # at each rollout's start and every sde_sample_freq
+            actions[step], logprobs[step], values[step] = policy(obs[step], noise if agent.gsde else None)
 
             next_obs, reward, terminations[step], truncations[step], _ = envs.step(
                 to_env_action(actions[step], envs.single_action_space)

@@ -152,6 +152,48 @@ def test_sampling_follows_the_gaussian(sampler):
     np.testing.assert_allclose(action.std(0), std, rtol=0.03)
 
 
+def test_numpy_policy_matches_torch_with_gsde():
+    """gSDE's NumPy rollout gives the action torch's draws with the same noise weights, and its log-probability."""
+    torch.manual_seed(0)
+    agent = pc.Agent(*SPACES["1-D"], gsde=True, log_std_init=-1.0)
+    with torch.no_grad():
+        agent.actor_logstd.uniform_(-1.5, 0.5)
+    noise = agent.sample_noise(64, np.random.default_rng(1))
+    obs = np.random.default_rng(2).standard_normal((64, 17), dtype=np.float32)
+    action, logprob, value = pc.numpy_policy(agent, np.random.default_rng(0))(obs, noise)
+    with torch.no_grad():
+        t_action, t_logprob, _, t_value = agent.get_action_and_value(
+            torch.from_numpy(obs), noise=torch.from_numpy(noise)
+        )
+    np.testing.assert_allclose(action, t_action.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(logprob, t_logprob.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(value, t_value.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_gsde_head():
+    """gSDE: the sampled action is the mean plus the actor's latent (the input of its last layer) times the env's
+    noise weights; its log-probability and entropy are those of the Gaussian this sampling draws from (checked against
+    the spread of 4000 samples of one state), the std depends on the state, and the greedy action is the mean."""
+    torch.manual_seed(0)
+    agent = pc.Agent(*SPACES["1-D"], gsde=True, log_std_init=-2.0)
+    assert agent.actor_logstd.shape == (64, 6) and (agent.actor_logstd == -2).all()  # per (latent, action) pair
+    obs = torch.randn(1, 17).expand(4000, 17)
+    noise = agent.sample_noise(4000, np.random.default_rng(0))
+    with torch.no_grad():
+        action, logprob, entropy, _ = agent.get_action_and_value(obs, noise=torch.from_numpy(noise))
+        latent, mean = agent.actor[:-1](obs), agent.actor(obs)
+        torch.testing.assert_close(agent.get_action_and_value(obs, greedy=True)[0], mean)
+        other_entropy = agent.get_action_and_value(torch.randn(1, 17) * 3, greedy=True)[2]
+    torch.testing.assert_close(action, mean + torch.einsum("bh,bha->ba", latent, torch.from_numpy(noise)))
+    std = (latent.square() @ agent.actor_logstd.detach().exp().square() + pc.SDE_EPS).sqrt()
+    dist = torch.distributions.Normal(mean, std)
+    torch.testing.assert_close(logprob, dist.log_prob(action).sum(-1))
+    torch.testing.assert_close(entropy, dist.entropy().sum(-1))
+    assert not torch.isclose(other_entropy, entropy[:1]).any()  # another state, another std
+    spread = (action - mean).std(0) / std[0]
+    assert ((spread - 1).abs() < 0.05).all(), spread
+
+
 def test_greedy_takes_the_mean_and_the_env_gets_the_action_clipped():
     agent = make_agent("2-D observations and actions")
     space = SPACES["2-D observations and actions"][1]
@@ -435,3 +477,23 @@ def test_behaviour_cloning_learns_the_expert_mean(workdir):
     assert scalars["bc/greedy_return"][0][1] > -8
     checkpoint = torch.load(only_run_dir(workdir) / "checkpoint.pt", weights_only=True)
     np.testing.assert_array_equal(checkpoint["obs_rms"]["var"].numpy() > 0.5, True)  # the expert's, then updated
+
+
+def test_gsde_run_resamples_its_noise_and_its_checkpoint_evaluates(workdir, monkeypatch):
+    calls = []
+    sample_noise = pc.Agent.sample_noise
+    monkeypatch.setattr(pc.Agent, "sample_noise", lambda self, n, rng: calls.append(n) or sample_noise(self, n, rng))
+    gsde = ["--gsde", "--sde-sample-freq", "16", "--log-std-init", "-1"]
+    args = ["--env-id", "Pendulum-v1", "--num-envs", "2", "--num-steps", "64", "--num-minibatches", "2", *gsde]
+    result = run_in_process("ppo_continuous.py", *args, "--total-timesteps", "256", "--eval-episodes", "0", cwd=workdir)
+    assert result.returncode == 0, result.stderr  # the guard held: a first-minibatch ratio of 1
+    # once for the rollout's probe, then at steps 0, 16, 32, 48 of each of the 2 rollouts, for the 2 envs
+    assert calls == [64] + [2] * 8
+    checkpoint = only_run_dir(workdir) / "checkpoint.pt"
+    assert torch.load(checkpoint, weights_only=True)["model"]["actor_logstd"].shape == (64, 1)
+    result = run_in_process(
+        "ppo_continuous.py", "--eval-checkpoint", str(checkpoint), "--eval-episodes", "1", cwd=workdir
+    )
+    assert result.returncode == 0 and "over 1 greedy episodes" in result.stdout, result.stderr  # a gSDE network
+    result = run_in_process("ppo_continuous.py", *args[:8], "--resume", str(checkpoint), cwd=workdir)
+    assert result.returncode == 2 and "trained with --gsde True" in result.stderr

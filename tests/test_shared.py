@@ -43,13 +43,15 @@ SHARED = [
 ]
 # Where a copy differs by design, and why.
 DIFFERS_IN = {
-    # a batch is the steps of every rank (ppo_mpi.py); images and their own flags (ppo_atari.py, ppo_lstm.py)
-    "validate_args": ["ppo_atari.py", "ppo_lstm.py", "ppo_mpi.py"],
+    # a batch is the steps of every rank (ppo_mpi.py); images and their own flags (ppo_atari.py, ppo_lstm.py); gSDE's
+    # flags (ppo_continuous.py, ppo_lstm.py)
+    "validate_args": ["ppo_atari.py", "ppo_continuous.py", "ppo_lstm.py", "ppo_mpi.py"],
     # envpool's Atari preprocessing (ppo_atari.py; ppo_lstm.py for Atari ids)
     "make_envs": ["ppo_atari.py", "ppo_lstm.py"],
-    # ppo_lstm.py's rollout policies carry the LSTM state in and out (checked against the network by its tests)
-    "torch_policy": ["ppo_lstm.py"],
-    "rollout_policy": ["ppo_lstm.py"],
+    # ppo_lstm.py's rollout policies carry the LSTM state in and out, ppo_continuous.py's take gSDE's noise (checked
+    # against the network by their tests)
+    "torch_policy": ["ppo_continuous.py", "ppo_lstm.py"],
+    "rollout_policy": ["ppo_continuous.py", "ppo_lstm.py"],
 }
 # Helpers that ppo.py does not need: their reference is the script that introduced them.
 SHARED_FROM = {
