@@ -7,8 +7,10 @@ the gradient of its own minibatch; the gradients are averaged over the ranks in 
 rank takes the same optimizer step and holds the same network, bit for bit (checked at the end of training). Rank 0
 broadcasts the initial network, writes the logs, checkpoints and videos, and gathers every rank's episodes. For Box
 actions the normalisation statistics are fixed during a rollout and updated after it with the observations and
-returns of every rank, so every rank normalises identically (PPO1 does the same). `--total-timesteps` counts the steps
-of all ranks, `--num-envs` the envs of one rank. The learning-rate schedules are Stable Baselines' (`--lr-schedule`).
+returns of every rank, so every rank normalises identically (PPO1 does the same). envpool's Atari games get
+ppo_atari.py's code: its preprocessing, whole-game scores and Nature CNN (in bfloat16 where the hardware has it).
+`--total-timesteps` counts the steps of all ranks, `--num-envs` the envs of one rank; with `--cuda` the ranks of a
+host take its GPUs in turn. The learning-rate schedules are Stable Baselines' (`--lr-schedule`).
 
 Paper: Schulman et al. 2017, "Proximal Policy Optimization Algorithms", https://arxiv.org/abs/1707.06347
 Details: Huang et al. 2022, "The 37 Implementation Details of Proximal Policy Optimization", ICLR blog track.
@@ -17,6 +19,8 @@ Details: Huang et al. 2022, "The 37 Implementation Details of Proximal Policy Op
     mpiexec -f hostfile -n 8 python ppo_mpi.py --env-id Acrobot-v1 --lr-schedule middle_drop  # across hosts
     mpiexec -n 2 python ppo_mpi.py --env-id HalfCheetah-v4 --num-envs 1 --num-steps 2048 --num-minibatches 32 \\
         --update-epochs 10 --learning-rate 3e-4 --ent-coef 0                # ppo_continuous.py's MuJoCo settings
+    mpiexec -n 2 python ppo_mpi.py --env-id Breakout-v5 --clip-coef 0.1 \\
+        --total-timesteps 10000000                                  # ppo_atari.py's settings, its 8 envs on 2 ranks
     python ppo_mpi.py                                          # one rank, no mpiexec needed
 """
 
@@ -117,6 +121,8 @@ class Args:
     """the maximum norm of the gradient averaged over the ranks (clipped above it)"""
     target_kl: float | None = None
     """stop the update epochs early once the approximate KL, averaged over the ranks, passes this (None: never)"""
+    bf16: bool = True
+    """Atari: if toggled, the CNN computes in bfloat16 (float32 weights, heads, losses) on a GPU or a CPU with it"""
 
 
 class UserError(Exception):
@@ -208,6 +214,40 @@ def choose_backend(env_id: str, num_envs: int, backend: str) -> str:
     if not (in_envpool if backend == "envpool" else in_gymnasium):
         raise UserError(f"--env-id {env_id} is not a {backend} id; try --env-backend auto")
     return backend
+
+
+def is_atari(env_id: str, backend: str) -> bool:
+    spec = envpool.registration.registry.specs.get(env_id)
+    return backend == "envpool" and spec is not None and spec[0] == "envpool.atari"
+
+
+def make_atari_envs(env_id: str, num_envs: int, seed: int, render: bool = False):
+    """Atari games with the standard preprocessing (Machado et al. 2018, as baselines' wrappers and CleanRL), spelled
+    out rather than left to envpool's defaults. Next-step autoreset, as ppo.py's envs: after a step that ends an
+    episode (here a lost life too), the next step only resets it, with reward 0, ignoring its action."""
+    return envpool.make(
+        env_id,
+        env_type="gymnasium",
+        num_envs=num_envs,
+        seed=seed,
+        noop_max=30,  # up to 30 no-ops at the start of a game: varied starting states
+        frame_skip=4,  # each action repeats for 4 frames; the observation is the max of the last two (flicker)
+        img_height=84,
+        img_width=84,
+        gray_scale=True,
+        stack_num=4,  # the last 4 observations, stacked as channels: motion is visible
+        episodic_life=True,  # a lost life ends the episode for training (no value bootstrapped across it)
+        use_fire_reset=True,  # games that wait for FIRE (Breakout) get it after every reset, lost lives included
+        reward_clip=True,  # training rewards are clipped to their sign; info["reward"] keeps the real score
+        repeat_action_probability=0.0,  # no sticky actions, as CleanRL's published runs
+        max_episode_steps=27000,  # a game is truncated after 108,000 frames (30 minutes of play)
+        **({"render_mode": "rgb_array"} if render else {}),
+    )
+
+
+def frames(obs, info: dict, update: bool = True) -> np.ndarray:
+    """Atari's ObsPreparer: envpool's frames go to the CNN as they are (uint8, 4 stacked; scaled inside the network)."""
+    return obs
 
 
 def make_envs(env_id: str, num_envs: int, seed: int, backend: str, video_folder: str | None = None):
@@ -388,6 +428,55 @@ class Agent(nn.Module):
         return action, logprob, entropy, self.critic(x).squeeze(-1)
 
 
+class AtariAgent(nn.Module):
+    """The Nature CNN (Mnih et al. 2015) trunk shared by the actor and the critic heads."""
+
+    def __init__(self, obs_space: gym.Space, act_space: gym.Space, bf16: bool = False):
+        super().__init__()
+        self.bf16 = bf16
+        channels, height, width = obs_space.shape  # envpool stacks the frames first
+        self.network = nn.Sequential(
+            layer_init(nn.Conv2d(channels, 32, 8, stride=4)),
+            nn.ReLU(),
+            layer_init(nn.Conv2d(32, 64, 4, stride=2)),
+            nn.ReLU(),
+            layer_init(nn.Conv2d(64, 64, 3, stride=1)),
+            nn.ReLU(),
+            nn.Flatten(),
+        )
+        try:  # the size of the convolutions' output, for this image size (64 x 7 x 7 for 84 x 84)
+            conv_size = self.network(torch.zeros(1, channels, height, width)).shape[1]
+        except RuntimeError:
+            raise UserError(f"images of shape {obs_space.shape} are smaller than the Nature CNN's 36x36") from None
+        self.network.extend([layer_init(nn.Linear(conv_size, 512)), nn.ReLU()])
+        self.actor = layer_init(nn.Linear(512, int(act_space.n)), std=0.01)
+        self.critic = layer_init(nn.Linear(512, 1), std=1.0)
+
+    def features(self, x):
+        """uint8 frames [batch, stack, height, width] -> features. Channels-last memory, in which the rollout stores
+        the frames, is the layout that oneDNN's convolutions run fastest in. The frames are scaled to [0, 1] here, so
+        that the rollout stores a quarter of the bytes, and cast straight to the type the trunk computes in: bfloat16
+        with --bf16 (its weights stay float32); the heads and the losses compute in float32."""
+        x = x.contiguous(memory_format=torch.channels_last).to(torch.bfloat16 if self.bf16 else torch.float32)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            return self.network(x / 255).float()
+
+    def get_value(self, x):
+        return self.critic(self.features(x)).squeeze(-1)
+
+    def get_action_and_value(self, x, action=None, greedy=False):
+        # Categorical maths written out, as in ppo.py.
+        hidden = self.features(x)
+        logp = self.actor(hidden).log_softmax(-1)
+        if action is None:
+            # Gumbel-max: argmax(logp + Gumbel noise) samples the categorical, in fewer ops than torch.multinomial
+            action = logp if greedy else logp - torch.empty_like(logp).exponential_().log()
+            action = action.argmax(-1)
+        logprob = logp.gather(-1, action.unsqueeze(-1)).squeeze(-1)
+        entropy = -(logp.exp() * logp).sum(-1)
+        return action, logprob, entropy, self.critic(hidden).squeeze(-1)
+
+
 def numpy_module(module: nn.Module):
     """module as a NumPy function over views of its parameters' memory, so that it follows every in-place optimizer
     step; None where it holds a layer this mirror does not know (the rollout then runs the torch network)."""
@@ -478,6 +567,11 @@ def rollout_mismatch(newlogprob, logprob, newvalue, value, tolerance: float = RO
         if (error > tolerance * (1 + old.abs())).any():
             errors.append(f"{name} by up to {error.max().item():.3g}")
     return " and ".join(errors)
+
+
+# bfloat16 keeps 8 bits of mantissa: the same trunk over another batch size (another kernel) may round its features
+# otherwise, moving a log-probability or value by up to a few 1e-2 (tests: bf16 stays within 0.05 of float32).
+BF16_ROLLOUT_TOLERANCE = 0.05
 
 
 def check_rollout(newlogprob, logprob, newvalue, value, iteration: int, tolerance: float = ROLLOUT_TOLERANCE) -> None:
@@ -583,6 +677,14 @@ class EpisodeTracker:
         return (
             list(zip(self.returns[self.reset].tolist(), self.lengths[self.reset].tolist())) if self.reset.any() else []
         )
+
+
+def track_games(games: EpisodeTracker, info: dict, truncated: np.ndarray) -> list:
+    """Account one vector step of whole games: (score, length) of each game it ended. The training episodes end at
+    every lost life and see clipped rewards; a game ends when the last life is lost (info["terminated"]) or at the
+    time limit, and scores the real rewards (info["reward"]). Its length counts every step, the reset steps after a
+    lost life included (as CleanRL's)."""
+    return games.step(info["reward"], info["terminated"].astype(bool), truncated)
 
 
 class RunningMeanStd:
@@ -823,13 +925,45 @@ def evaluate(
     return returns[:num_episodes]
 
 
+def evaluate_games(agent: AtariAgent, envs, num_episodes: int, video_folder: str | None = None) -> list:
+    """Real scores of num_episodes games played with the greedy policy (the most likely action); with video_folder,
+    one video of each game there, as the emulator's full-colour screen."""
+    next_obs, _ = envs.reset()
+    games, returns, video, device = EpisodeTracker(envs.num_envs), [], None, next(agent.parameters()).device
+    while len(returns) < num_episodes:
+        if video_folder and video is None and not games.reset.any():  # a game begins (not its reset step)
+            import imageio  # (installed with moviepy) streams the video: a long game does not pile up in memory
+
+            os.makedirs(video_folder, exist_ok=True)
+            path = os.path.join(video_folder, f"eval-episode-{len(returns)}.mp4")
+            # 60 frames per second, frame_skip of them per step: the video plays at the game's speed
+            video = imageio.get_writer(path, fps=60 / envs.spec.config.frame_skip, macro_block_size=1)
+            video.append_data(envs.render()[0])
+        with torch.no_grad():
+            action = agent.get_action_and_value(torch.from_numpy(next_obs).to(device), greedy=True)[0].cpu().numpy()
+        next_obs, _, _, truncated, info = envs.step(action)
+        ended = track_games(games, info, truncated)
+        if video:
+            video.append_data(envs.render()[0])
+        returns += [episode_return for episode_return, _ in ended]
+        if video and ended:
+            video.close()
+            video = None
+    return returns[:num_episodes]
+
+
 def run_evaluation(
     agent: Agent, obs_norm: ObsNormalizer | None, args: Args, backend: str, seed: int, video_folder: str | None
 ) -> list:
-    """Evaluate on a fresh env (rendered by gymnasium when recording videos) and print mean ± std."""
-    envs = make_envs(args.env_id, 1, seed, "gymnasium" if video_folder else backend, video_folder)
-    prepare = ObsPreparer(envs.single_observation_space, args, envs.single_action_space)
-    returns = evaluate(agent, prepare, obs_norm, envs, args.eval_episodes, seed)
+    """Evaluate on a fresh env (rendered when recording videos: by gymnasium, or by envpool for Atari's whole games)
+    and print mean ± std."""
+    if is_atari(args.env_id, backend):
+        envs = make_atari_envs(args.env_id, 1, seed, render=video_folder is not None)
+        returns = evaluate_games(agent, envs, args.eval_episodes, video_folder)
+    else:
+        envs = make_envs(args.env_id, 1, seed, "gymnasium" if video_folder else backend, video_folder)
+        prepare = ObsPreparer(envs.single_observation_space, args, envs.single_action_space)
+        returns = evaluate(agent, prepare, obs_norm, envs, args.eval_episodes, seed)
     envs.close()
     print(f"eval {args.env_id}: {np.mean(returns):.2f} ± {np.std(returns):.2f} over {len(returns)} greedy episodes")
     return returns
@@ -891,6 +1025,9 @@ def parse_args() -> Args:
 def main(args: Args, comm: MPI.Comm) -> None:
     script = os.path.basename(__file__)
     rank, num_ranks = comm.rank, comm.size
+    host = comm.Split_type(MPI.COMM_TYPE_SHARED)  # the ranks on this rank's host: with --cuda, one GPU each in turn
+    local_rank = host.rank
+    host.Free()
     # Only rank 0 reads the checkpoint and sends it to the others: across hosts, it need exist on rank 0's alone.
     checkpoint = None
     with on_every_rank(comm):
@@ -913,11 +1050,17 @@ def main(args: Args, comm: MPI.Comm) -> None:
                         f"--resume: the checkpoint trained with --{key.replace('_', '-')} {value}; pass that"
                     )
         backend = choose_backend(args.env_id, args.num_envs, args.env_backend)
-        if args.capture_video and args.eval_episodes and not gymnasium_has(args.env_id):
+        atari = is_atari(args.env_id, backend)  # ppo_atari.py's preprocessing, whole-game scores and Nature CNN
+        if args.capture_video and args.eval_episodes and not atari and not gymnasium_has(args.env_id):
             raise UserError(f"--capture-video: videos are rendered by gymnasium, which has no env {args.env_id}")
         if args.capture_video and sys.platform == "linux" and not os.environ.get("DISPLAY"):
             os.environ.setdefault("MUJOCO_GL", "egl")  # MuJoCo renders through a window (GLFW) by default: none here
         device = choose_device(args.cuda)
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        # bfloat16 on a CPU only where oneDNN supports it (AVX-512, AMX): elsewhere it would be emulated, slower.
+        bf16 = atari and args.bf16 and (device.type == "cuda" or torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        tolerance = BF16_ROLLOUT_TOLERANCE if bf16 else ROLLOUT_TOLERANCE
         # One CPU thread per rank: at a 64x64 MLP's sizes a second thread's synchronisation costs more than it brings;
         # the ranks are the parallelism here.
         torch.set_num_threads(1)
@@ -939,13 +1082,17 @@ def main(args: Args, comm: MPI.Comm) -> None:
         np.random.seed(seed)
         torch.manual_seed(seed)
 
-        envs = make_envs(args.env_id, 1 if args.eval_checkpoint else args.num_envs, seed, backend)
-        agent = Agent(envs.single_observation_space, envs.single_action_space).to(device)
+        num_envs = 1 if args.eval_checkpoint else args.num_envs
+        envs = (
+            make_atari_envs(args.env_id, num_envs, seed) if atari else make_envs(args.env_id, num_envs, seed, backend)
+        )
+        spaces = envs.single_observation_space, envs.single_action_space
+        agent = (AtariAgent(*spaces, bf16) if atari else Agent(*spaces)).to(device)
         if checkpoint:
             load_agent(agent, checkpoint, "--eval-checkpoint" if args.eval_checkpoint else "--resume")
 
     # Box-action tasks normalise observations and scale rewards by running statistics, as ppo_continuous.py.
-    normalize = agent.continuous
+    normalize = isinstance(envs.single_action_space, gym.spaces.Box)
     obs_shape = (encoded_size(observed_space(envs.single_observation_space)),)  # as ObsPreparer encodes them
     obs_norm = ObsNormalizer(obs_shape) if normalize else None
     return_scaler = ReturnScaler(num_ranks * args.num_envs, args.gamma) if normalize else None
@@ -998,16 +1145,15 @@ def main(args: Args, comm: MPI.Comm) -> None:
         checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
 
     # The agent sees, and the rollout stores, each observation prepared once (velocities masked, action mask appended).
-    prepare = ObsPreparer(envs.single_observation_space, args, envs.single_action_space)
+    prepare = frames if atari else ObsPreparer(envs.single_observation_space, args, envs.single_action_space)
     next_obs = prepare(*envs.reset(seed=seed))
     # Rollout storage, [num_steps, num_envs, ...]: observations as the networks saw them (normalised for Box actions;
-    # raw_obs: before normalisation, for the statistics), real rewards, actions as category indices or as the
-    # Gaussian's unclipped samples
-    obs = np.zeros((args.num_steps, *next_obs.shape), dtype=np.float32)
+    # raw_obs: before normalisation, for the statistics; Atari's uint8 frames), real rewards, actions as category
+    # indices (Atari's one) or as the Gaussian's unclipped samples
+    obs = np.zeros((args.num_steps, *next_obs.shape), dtype=next_obs.dtype)
     raw_obs = np.zeros_like(obs) if normalize else None
-    actions = np.zeros(
-        (args.num_steps, args.num_envs, agent.action_size), dtype=np.float32 if agent.continuous else np.int64
-    )
+    action_shape = () if atari else (agent.action_size,)
+    actions = np.zeros((args.num_steps, args.num_envs, *action_shape), dtype=np.float32 if normalize else np.int64)
     logprobs = np.zeros((args.num_steps, args.num_envs), dtype=np.float32)
     rewards = np.zeros((args.num_steps, args.num_envs), dtype=np.float32)
     values = np.zeros((args.num_steps, args.num_envs), dtype=np.float32)
@@ -1016,13 +1162,19 @@ def main(args: Args, comm: MPI.Comm) -> None:
     resets = np.zeros((args.num_steps, args.num_envs), dtype=bool)
 
     tracker, recent_returns = EpisodeTracker(args.num_envs), deque(maxlen=100)
+    # Atari: training episodes (tracker) end at every lost life; the statistics are those of whole games (games).
+    games = EpisodeTracker(args.num_envs) if atari else None
     progress = Progress(args.total_timesteps, global_step) if rank == 0 else None
-    rng, samples = np.random.default_rng(seed), gym.vector.utils.batch_space(prepare.space, 64)
-    samples.seed(seed)
-    probe = encode_obs(prepare.space, samples.sample())
-    if prepare.masked:  # with random action masks appended, as ObsPreparer appends the env's
-        probe = np.concatenate([probe, rng.random((64, prepare.mask_size)) < 0.7], 1, dtype=np.float32)
-    policy = rollout_policy(agent, rng, device, probe)
+    rng = np.random.default_rng(seed)
+    if atari:  # the CNN's maths outweigh a forward's dispatch: no NumPy mirror
+        policy = torch_policy(agent, device)
+    else:
+        samples = gym.vector.utils.batch_space(prepare.space, 64)
+        samples.seed(seed)
+        probe = encode_obs(prepare.space, samples.sample())
+        if prepare.masked:  # with random action masks appended, as ObsPreparer appends the env's
+            probe = np.concatenate([probe, rng.random((64, prepare.mask_size)) < 0.7], 1, dtype=np.float32)
+        policy = rollout_policy(agent, rng, device, probe)
     start_time, start_step = time.time(), global_step
     final_step = global_step + num_iterations * global_batch
 
@@ -1047,12 +1199,15 @@ def main(args: Args, comm: MPI.Comm) -> None:
                 to_env_action(actions[step], envs.single_action_space)
             )
             next_obs = prepare(next_obs, info)
-            for episode_return, episode_length in tracker.step(rewards[step], terminations[step], truncations[step]):
+            ended = tracker.step(rewards[step], terminations[step], truncations[step])
+            if games:
+                ended = track_games(games, info, truncations[step])
+            for episode_return, episode_length in ended:
                 episodes.append((step, episode_return, episode_length))
 
         with torch.no_grad():
             last_obs = obs_norm(next_obs, update=False) if normalize else next_obs
-            next_value = agent.get_value(torch.as_tensor(last_obs, dtype=torch.float32, device=device)).cpu().numpy()
+            next_value = agent.get_value(torch.as_tensor(last_obs, device=device)).cpu().numpy()
         train_rewards = rewards
         if normalize:
             merge_across_ranks(comm, obs_norm, raw_obs.reshape(-1, *obs_shape))
@@ -1065,7 +1220,7 @@ def main(args: Args, comm: MPI.Comm) -> None:
         # Train only on real transitions: the reset steps of next-step autoreset are left out of the batch.
         transition = ~resets.reshape(-1)
         b_obs = torch.from_numpy(obs.reshape(-1, *obs.shape[2:])[transition]).to(device)
-        b_actions = torch.from_numpy(actions.reshape(-1, actions.shape[-1])[transition]).to(device)
+        b_actions = torch.from_numpy(actions.reshape(-1, *action_shape)[transition]).to(device)
         b_logprobs, b_advantages, b_returns, b_values = (
             torch.from_numpy(x.reshape(-1)[transition]).to(device) for x in (logprobs, advantages, returns, values)
         )
@@ -1075,7 +1230,7 @@ def main(args: Args, comm: MPI.Comm) -> None:
             for mb_inds in torch.randperm(len(b_obs), device=device).tensor_split(args.num_minibatches):
                 _, newlogprob, entropy, newvalue = agent.get_action_and_value(b_obs[mb_inds], b_actions[mb_inds])
                 if num_updates == 0:  # nothing has moved the network since the rollout: it must give the same numbers
-                    check_rollout(newlogprob, b_logprobs[mb_inds], newvalue, b_values[mb_inds], iteration)
+                    check_rollout(newlogprob, b_logprobs[mb_inds], newvalue, b_values[mb_inds], iteration, tolerance)
                 logratio = newlogprob - b_logprobs[mb_inds]
                 ratio = logratio.exp()
 

@@ -171,6 +171,25 @@ def test_two_ranks_log_all_steps_and_episodes_and_resume_on_one(workdir):
     )
 
 
+def test_atari_on_two_ranks_ends_identical_and_resumes_on_one(workdir):
+    """ppo_atari.py's game, preprocessing and Nature CNN on 2 ranks: the ranks end bit for bit identical (the script
+    checks it), the checkpoint goes on on 1 rank, and its greedy evaluation plays whole games."""
+    atari = ["--env-id", "Breakout-v5", "--num-envs", "2", "--num-steps", "16", "--num-minibatches", "2"]
+    args = [str(REPO / "ppo_mpi.py"), *atari, "--update-epochs", "2", "--eval-episodes", "0"]
+    result = mpirun(2, *args, "--total-timesteps", "256", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert "done: 256 steps" in result.stdout and "on 2 ranks, identical at the end" in result.stdout
+    checkpoint = only_run_dir(workdir) / "checkpoint.pt"
+    ckpt = torch.load(checkpoint, weights_only=True)
+    assert ckpt["num_ranks"] == 2 and ckpt["model"]["network.0.weight"].shape == (32, 4, 8, 8)  # the Nature CNN
+    result = run_script(*args, "--total-timesteps", "320", "--resume", str(checkpoint), cwd=workdir)
+    assert result.returncode == 0 and "done: 320 steps" in result.stdout and "on 1 rank;" in result.stdout
+    result = run_script(
+        str(REPO / "ppo_mpi.py"), "--eval-checkpoint", str(checkpoint), "--eval-episodes", "1", cwd=workdir
+    )
+    assert result.returncode == 0 and "eval Breakout-v5:" in result.stdout, result.stderr
+
+
 def test_box_task_on_two_ranks_merges_the_statistics(workdir):
     # Pendulum, 2 ranks x 2 envs x 256 steps, 2 iterations: each env makes 512 steps, episodes truncate at 200
     result = mpirun(
@@ -204,6 +223,7 @@ def test_a_batch_is_the_steps_of_every_rank():
         (["--num-minibatches", "3"], "error: --num-minibatches 3 does not divide the batch of 512"),
         (["--lr-schedule", "fast"], "fast"),
         (["--resume", "missing.pt"], "error: rank 0: --resume missing.pt: no such file"),  # read on rank 0 alone
+        (["--env-id", "Breakout-v5", "--num-envs", "3", "--num-minibatches", "5"], "does not divide the batch of 384"),
     ],
 )
 def test_bad_input_stops_every_rank_with_one_line(workdir, args, message):

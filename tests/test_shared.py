@@ -58,7 +58,12 @@ SHARED_FROM = {
     "RunningMeanStd": "ppo_continuous.py",
     "ObsNormalizer": "ppo_continuous.py",
     "ReturnScaler": "ppo_continuous.py",
+    "BF16_ROLLOUT_TOLERANCE": "ppo_atari.py",
+    "track_games": "ppo_atari.py",
+    "is_atari": "ppo_lstm.py",
 }
+# ppo_mpi.py's Atari path is ppo_atari.py's code under names beside its own (copy's name: ppo_atari.py's).
+RENAMED = {"AtariAgent": "Agent", "make_atari_envs": "make_envs", "evaluate_games": "evaluate"}
 
 
 def code(node: ast.AST) -> str:
@@ -107,6 +112,20 @@ def test_shared_helper_is_the_same_code(name):
         if name in defs and script not in DIFFERS_IN.get(name, []) and defs[name] != reference
     ]
     assert not differing, f"{name} differs from {origin}'s in {differing}: change them together"
+
+
+@pytest.mark.parametrize("copy_name", RENAMED)
+def test_ppo_mpi_atari_helpers_are_ppo_atari_code(copy_name):
+    class Rename(ast.NodeTransformer):
+        def visit_Name(self, node):
+            node.id = RENAMED.get(node.id, node.id)
+            return node
+
+    tree = ast.parse((REPO / "ppo_mpi.py").read_text())
+    (node,) = [node for node in tree.body if getattr(node, "name", None) == copy_name]
+    node = Rename().visit(node)
+    node.name = RENAMED[copy_name]
+    assert code(node) == top_level_code(REPO / "ppo_atari.py")[RENAMED[copy_name]], f"change {copy_name} with it"
 
 
 def test_the_comparison_ignores_comments_and_docstrings_but_not_code():
