@@ -1,13 +1,14 @@
 """Recurrent PPO for any environment: ppo.py with an LSTM policy.
 
 A copy of ppo.py, the reference script of this project, with a memory: an encoder chosen from the observation space
-(an MLP for vectors, the Nature CNN for images, one of these per key of a Dict), then an LSTM, then the actor and
-critic heads (categorical for Discrete, MultiDiscrete and MultiBinary actions, Gaussian for Box actions). The LSTM
-state is carried through the rollout and restarts at each episode's first observation; the training pass replays whole
-env sequences from the state at the start of the rollout, so a minibatch is a set of whole envs. `--mask-velocity`
-hides the velocities of the classic control tasks, which then need the memory. The defaults are CleanRL's
-classic-control settings (ppo.py's) with a 128-unit LSTM (CleanRL's ppo_atari_lstm.py): a recurrent task learns with
-its own settings, as below (RL Zoo's tuned ones, plus reward scaling: see README and `benchmark.sh --preset recurrent`).
+(an MLP for vectors, the Nature CNN for images, one of these per entry of a Dict or Tuple), then an LSTM, then the
+actor and critic heads (categorical for Discrete, MultiDiscrete and MultiBinary actions, Gaussian for Box actions).
+The LSTM state is carried through the rollout and restarts at each episode's first observation; the training pass
+replays whole env sequences from the state at the start of the rollout, so a minibatch is a set of whole envs.
+`--mask-velocity` hides the velocities of the classic control tasks, which then need the memory. The defaults are
+CleanRL's classic-control settings (ppo.py's) with a 128-unit LSTM (CleanRL's ppo_atari_lstm.py): a recurrent task
+learns with its own settings, as below (RL Zoo's tuned ones, plus reward scaling: see README and `benchmark.sh
+--preset recurrent`).
 
 Paper: Schulman et al. 2017, "Proximal Policy Optimization Algorithms", https://arxiv.org/abs/1707.06347
 Details: Huang et al. 2022, "The 37 Implementation Details of Proximal Policy Optimization", ICLR blog track.
