@@ -103,7 +103,9 @@ CartPole-v1|ppo_mpi.py|CartPole-v1|500000|1|
 CartPole-v1|ppo_mpi.py|CartPole-v1|500000|2|
 CartPole-v1|ppo.py|CartPole-v1|500000|0|
 CartPole-v1 same batch|ppo_mpi.py|CartPole-v1|500000|2|--num-envs 2
-CartPole-v1 same batch|ppo.py|CartPole-v1|500000|0|" ;;
+CartPole-v1 same batch|ppo.py|CartPole-v1|500000|0|
+Breakout-v5|ppo_mpi.py|Breakout-v5|1000000|2|--clip-coef 0.1 --eval-episodes 0
+Breakout-v5|ppo_atari.py|Breakout-v5|1000000|0|--eval-episodes 0" ;;
   "") echo "error: --preset is required (quick, classic, mujoco, atari, recurrent, masking or mpi)" >&2; exit 2 ;;
   *) echo "error: --preset $preset is unknown; pick quick, classic, mujoco, atari, recurrent, masking or mpi" >&2; exit 2 ;;
 esac
