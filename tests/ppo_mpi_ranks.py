@@ -4,6 +4,8 @@ Imported, as `--env-id tests.ppo_mpi_ranks:CrashOnRank1-v0`, it registers a Cart
 Run as a script on every rank (`mpiexec -n 2 python tests/ppo_mpi_ranks.py`, in an empty folder: runs/ lands there),
 it checks ppo_mpi.py's collective helpers and that training keeps every rank's network, optimizer and statistics
 bit-identical; rank 0 then prints `ok`. A failed check prints its traceback and ends every rank (MPI_Abort).
+`python tests/ppo_mpi_ranks.py crash-envpool FLAGS` runs ppo_mpi.py FLAGS as its command line does, with envpool's
+envs (Atari's) failing on rank 1 after CRASH_AFTER_STEPS steps.
 """
 
 import gymnasium as gym
@@ -172,5 +174,38 @@ def main() -> None:
         print("ok:", ", ".join(check.__name__ for check in checks))
 
 
+def crash_envpool_on_rank_1(flags: list) -> None:
+    import runpy
+    import sys
+    from pathlib import Path
+
+    import envpool
+    from mpi4py import MPI
+
+    class CrashingEnvs:
+        def __init__(self, envs):
+            self.envs, self.steps = envs, 0
+
+        def __getattr__(self, name):
+            return getattr(self.envs, name)
+
+        def step(self, action):
+            self.steps += 1
+            if MPI.COMM_WORLD.rank == 1 and self.steps > CRASH_AFTER_STEPS // 10:
+                raise RuntimeError("CrashingEnvs: the env broke on rank 1")
+            return self.envs.step(action)
+
+    make = envpool.make
+    envpool.make = lambda *args, **kwargs: CrashingEnvs(make(*args, **kwargs))
+    script = Path(__file__).resolve().parents[1] / "ppo_mpi.py"
+    sys.argv = [str(script), *flags]
+    runpy.run_path(str(script), run_name="__main__")
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if sys.argv[1:2] == ["crash-envpool"]:
+        crash_envpool_on_rank_1(sys.argv[2:])
+    else:
+        main()

@@ -255,6 +255,17 @@ def test_an_error_on_one_rank_ends_every_rank(workdir):
     assert "done:" not in result.stdout
 
 
+def test_an_error_on_one_rank_ends_every_rank_on_atari(workdir):
+    atari = ["--env-id", "Breakout-v5", "--num-envs", "2", "--num-steps", "16", "--num-minibatches", "2"]
+    result = mpirun(
+        2, str(REPO / "tests" / "ppo_mpi_ranks.py"), "crash-envpool", *atari, "--total-timesteps", "100000",
+        cwd=workdir, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "error: rank 1 of 2 failed (RuntimeError: CrashingEnvs: the env broke on rank 1)" in result.stderr
+    assert "done:" not in result.stdout
+
+
 # Calibration: 2 ranks x 2 envs (ppo.py's batch of 512 steps, from both ranks), seeds 1-8 at 100k steps reached a mean
 # return over their last 20 episodes of 287, 313, 263, 252, 222, 236, 240, 290 (mean 263; ppo.py's test: 269); the
 # threshold, ppo.py's, sits below the worst seed and far above an untrained policy (~22).
