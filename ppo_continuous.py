@@ -11,7 +11,6 @@ Details: Huang et al. 2022, "The 37 Implementation Details of Proximal Policy Op
 
     python ppo_continuous.py                                       # HalfCheetah-v4, 1M steps
     python ppo_continuous.py --env-id Pendulum-v1 --seed 2 --track # log to wandb as well
-    python ppo_continuous.py --env-id Hopper-v4 --gsde --sde-sample-freq 4 --log-std-init -2   # explore by gSDE
     python ppo_continuous.py --eval-checkpoint runs/RUN/checkpoint.pt --capture-video
     python ppo_continuous.py --eval-checkpoint runs/RUN/checkpoint.pt --save-dataset expert.npz
     python ppo_continuous.py --bc-dataset expert.npz               # clone the expert's steps, then PPO
