@@ -174,8 +174,10 @@ def validate_args(args: Args) -> None:
         raise UserError("--save-dataset records the evaluation episodes of --eval-checkpoint: pass one")
     if args.bc_dataset and (args.eval_checkpoint or args.resume):
         raise UserError("--bc-dataset pretrains a new run: it excludes --eval-checkpoint and --resume")
-    if args.bc_epochs <= 0 or not 0 < args.bc_learning_rate < np.inf:
-        raise UserError("--bc-epochs and --bc-learning-rate must be positive numbers")
+    if args.bc_epochs <= 0:
+        raise UserError(f"--bc-epochs {args.bc_epochs} must be positive")
+    if not 0 < args.bc_learning_rate < np.inf:  # NaN fails too
+        raise UserError(f"--bc-learning-rate {args.bc_learning_rate} must be a positive number")
     if args.save_dataset and not os.path.isdir(os.path.dirname(os.path.abspath(args.save_dataset))):
         raise UserError(f"--save-dataset {args.save_dataset}: its folder does not exist")
     if args.mask_velocity and not args.eval_checkpoint and env_name(args.env_id) not in VELOCITY_ENTRIES:
@@ -578,7 +580,7 @@ class ObsPreparer:
 
     def __init__(self, space: gym.Space, args: Args, action_space: gym.Space):
         self.mask_in_obs, self.space = observed_space(space) is not space, observed_space(space)
-        self.size, self.velocity_mask = encoded_size(self.space), velocity_mask(args, self.space)
+        self.velocity_mask = velocity_mask(args, self.space)
         self.use_mask, self.mask_size = args.action_mask, int(action_nvec(action_space).sum())
         self.masked = None  # whether the env gives masks: its first observations (a reset) tell
 
@@ -839,11 +841,11 @@ def main(args: Args) -> None:
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
     tracker, recent_returns = EpisodeTracker(args.num_envs), deque(maxlen=100)
     progress = Progress(args.total_timesteps, global_step)
-    rng, samples = np.random.default_rng(seed), gym.vector.utils.batch_space(prepare.space, 64)
+    # Observations the mirror is checked on: random ones of the env's space, prepared as the env's (random action
+    # masks appended where the env gives masks).
+    rng, samples = np.random.default_rng(seed), gym.vector.utils.batch_space(envs.single_observation_space, 64)
     samples.seed(seed)
-    probe = encode_obs(prepare.space, samples.sample())
-    if prepare.masked:  # with random action masks appended, as ObsPreparer appends the env's
-        probe = np.concatenate([probe, rng.random((64, prepare.mask_size)) < 0.7], 1, dtype=np.float32)
+    probe = prepare(samples.sample(), {"action_mask": rng.random((64, prepare.mask_size)) < 0.7}, update=False)
     policy = rollout_policy(agent, rng, device, probe)
     start_time, start_step = time.time(), global_step
 

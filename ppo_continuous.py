@@ -181,8 +181,10 @@ def validate_args(args: Args) -> None:
         raise UserError("--save-dataset records the evaluation episodes of --eval-checkpoint: pass one")
     if args.bc_dataset and (args.eval_checkpoint or args.resume):
         raise UserError("--bc-dataset pretrains a new run: it excludes --eval-checkpoint and --resume")
-    if args.bc_epochs <= 0 or not 0 < args.bc_learning_rate < np.inf:
-        raise UserError("--bc-epochs and --bc-learning-rate must be positive numbers")
+    if args.bc_epochs <= 0:
+        raise UserError(f"--bc-epochs {args.bc_epochs} must be positive")
+    if not 0 < args.bc_learning_rate < np.inf:  # NaN fails too
+        raise UserError(f"--bc-learning-rate {args.bc_learning_rate} must be a positive number")
     if args.save_dataset and not os.path.isdir(os.path.dirname(os.path.abspath(args.save_dataset))):
         raise UserError(f"--save-dataset {args.save_dataset}: its folder does not exist")
     if args.mask_velocity and not args.eval_checkpoint and env_name(args.env_id) not in VELOCITY_ENTRIES:
@@ -407,11 +409,12 @@ def numpy_policy(agent: Agent, rng: np.random.Generator):
         if agent.gsde:
             std = np.sqrt(np.square(latent) @ np.exp(2 * logstd) + SDE_EPS)
             deviation = np.einsum("bh,bha->ba", latent, noise)
-        else:
-            std = np.exp(logstd)
-            deviation = std * rng.standard_normal((len(obs), logstd.shape[-1]), dtype=np.float32)
-        # the Gaussian log-density at the sample, over all dimensions
-        logprob = (-0.5 * np.square(deviation / std) - np.log(std) - HALF_LOG_2PI).sum(-1)
+            # the Gaussian log-density at the sample, over all dimensions
+            logprob = (-0.5 * np.square(deviation / std) - np.log(std) - HALF_LOG_2PI).sum(-1)
+        else:  # the same, where (sample - mean) / std is the noise drawn
+            noise = rng.standard_normal((len(obs), logstd.shape[-1]), dtype=np.float32)
+            deviation = np.exp(logstd) * noise
+            logprob = (-0.5 * np.square(noise) - logstd - HALF_LOG_2PI).sum(-1)
         return head(latent) + deviation, logprob, critic(obs)[:, 0]
 
     return policy
@@ -746,12 +749,12 @@ def behaviour_cloning(agent: Agent, dataset: dict, prepare: ObsPreparer, args: A
     minibatches of PPO's size with its own Adam, before the first rollout. The observations are normalised by the
     expert's statistics, which this run adopts; the log-std stays (a greedy expert's actions have no spread to learn
     it from: it would collapse) and the critic's loss is not in it."""
-    observations, actions, statistics = dataset["observations"], dataset["actions"], dataset.get("obs_mean")
-    action_dim = agent.actor_logstd.shape[-1]
-    if observations.shape[1:] != (prepare.size,) or actions.shape[1:] != (action_dim,) or statistics is None:
+    observations, actions, size = dataset["observations"], dataset["actions"], (prepare.size,)
+    fits = observations.shape[1:] == size and actions.shape[1:] == (agent.actor_logstd.shape[-1],)
+    if not fits or not {"obs_mean", "obs_var", "obs_count"} <= dataset.keys() or dataset["obs_mean"].shape != size:
         raise UserError(f"--bc-dataset {args.bc_dataset}: its observations or actions do not fit {args.env_id}'s")
-    prepare.obs_norm.mean, prepare.obs_norm.var = dataset["obs_mean"], dataset["obs_var"]
-    prepare.obs_norm.count = float(dataset["obs_count"])
+    norm = prepare.obs_norm
+    norm.mean, norm.var, norm.count = dataset["obs_mean"], dataset["obs_var"], float(dataset["obs_count"])
     device = next(agent.parameters()).device
     observations, actions = torch.from_numpy(observations).to(device), torch.from_numpy(actions).float().to(device)
     params = [param for name, param in agent.named_parameters() if name != "actor_logstd"]
@@ -897,7 +900,7 @@ def main(args: Args) -> None:
     next_obs = prepare(envs.reset(seed=seed)[0])
     samples = gym.vector.utils.batch_space(prepare.space, 64)
     samples.seed(seed)
-    probe = encode_obs(prepare.space, samples.sample())
+    probe = prepare(samples.sample(), update=False)  # observations the mirror is checked on, prepared as the env's
     rng = np.random.default_rng(seed)
     policy = rollout_policy(agent, rng, device, probe)
     start_time, start_step = time.time(), global_step

@@ -882,7 +882,7 @@ class ObsPreparer:
 
     def __init__(self, space: gym.Space, args: Args, action_space: gym.Space):
         self.mask_in_obs, self.space = observed_space(space) is not space, observed_space(space)
-        self.size, self.velocity_mask = encoded_size(self.space), velocity_mask(args, self.space)
+        self.velocity_mask = velocity_mask(args, self.space)
         discrete = not isinstance(action_space, gym.spaces.Box)
         self.use_mask, self.mask_size = args.action_mask and discrete, int(discrete and action_nvec(action_space).sum())
         self.masked = None  # whether the env gives masks: its first observations (a reset) tell
@@ -1169,11 +1169,11 @@ def main(args: Args, comm: MPI.Comm) -> None:
     if atari:  # the CNN's maths outweigh a forward's dispatch: no NumPy mirror
         policy = torch_policy(agent, device)
     else:
-        samples = gym.vector.utils.batch_space(prepare.space, 64)
+        # Observations the mirror is checked on: random ones of the env's space, prepared as the env's (random
+        # action masks appended where the env gives masks).
+        samples = gym.vector.utils.batch_space(envs.single_observation_space, 64)
         samples.seed(seed)
-        probe = encode_obs(prepare.space, samples.sample())
-        if prepare.masked:  # with random action masks appended, as ObsPreparer appends the env's
-            probe = np.concatenate([probe, rng.random((64, prepare.mask_size)) < 0.7], 1, dtype=np.float32)
+        probe = prepare(samples.sample(), {"action_mask": rng.random((64, prepare.mask_size)) < 0.7}, update=False)
         policy = rollout_policy(agent, rng, device, probe)
     start_time, start_step = time.time(), global_step
     final_step = global_step + num_iterations * global_batch

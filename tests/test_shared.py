@@ -40,6 +40,8 @@ SHARED = [
     "save_checkpoint",
     "load_checkpoint",
     "load_agent",
+    "save_dataset",
+    "load_dataset",
 ]
 # Where a copy differs by design, and why.
 DIFFERS_IN = {
