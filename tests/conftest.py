@@ -40,6 +40,8 @@ def run_in_process(script: str, *args: str, cwd: Path, timeout: float | None = N
             except module.UserError as e:
                 print(f"error: {e}", file=sys.stderr)
                 returncode = 2
+            except SystemExit as e:  # a script that ends its own process for an error (ppo_pbt.py's set-up on ranks)
+                returncode = e.code
     finally:  # what a script sets for its process, put back for the next test
         sys.argv = argv
         os.chdir(here)

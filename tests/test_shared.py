@@ -63,6 +63,9 @@ SHARED_FROM = {
     "BF16_ROLLOUT_TOLERANCE": "ppo_atari.py",
     "track_games": "ppo_atari.py",
     "is_atari": "ppo_lstm.py",
+    "on_every_rank": "ppo_mpi.py",
+    "check_launcher": "ppo_mpi.py",
+    "parse_args_on_ranks": "ppo_mpi.py",
 }
 # ppo_mpi.py's Atari path is ppo_atari.py's code under names beside its own (copy's name: ppo_atari.py's).
 RENAMED = {"AtariAgent": "Agent", "make_atari_envs": "make_envs", "evaluate_games": "evaluate"}
