@@ -16,7 +16,7 @@ set -euo pipefail
 
 usage() {
   sed -n '2,/^set /{/^#/s/^# \{0,1\}//p}' "$0"
-  echo "Options: --preset quick|classic|mujoco|atari|recurrent|masking|mpi  --seeds N (3)  --workers N (1)"
+  echo "Options: --preset quick|classic|mujoco|atari|recurrent|masking|mpi|pbt  --seeds N (3)  --workers N (1)"
   echo "         --tasks REGEX (all)  --out DIR (benchmark/results)  --python PATH (.venv/bin/python)  --dry-run  -- FLAGS"
 }
 
@@ -62,6 +62,11 @@ MOUNTAINCAR_LSTM="$MOUNTAINCAR_NOVEL --gsde --norm-obs --norm-reward"
 # 2 cores allow: see README), envpool's env (faster than gymnasium's at 8 envs).
 CARRACING_LSTM="--env-backend envpool --num-envs 8 --num-steps 512 --seq-len 128 --num-minibatches 32 --update-epochs 4 --learning-rate 3e-5 --gamma 0.99 --gae-lambda 0.9 --ent-coef 0 --clip-coef 0.4 --gsde --sde-sample-freq 4 --log-std-init -2 --eval-episodes 3"
 
+# Population-based training against a grid (ppo_pbt.py, 4 ranks): 4 members from learning rates spread over 1e-5..1e-2
+# (one per quarter of the range's decades: 2.4e-5, 1.3e-4, 7.5e-4, 4.2e-3), the other hyperparameters fixed at
+# ppo.py's values; the grid is the same population without evolution (--evolve-interval 0), the same steps in all.
+PBT_LEARNING_RATES="--learning-rate 1e-5 1e-2 --ent-coef 0.01 0.01 --clip-coef 0.2 0.2 --gae-lambda 0.95 0.95 --update-epochs 4 4"
+
 # One run spec per line: task | script | env id | total steps | MPI ranks (0: no mpiexec) | flags | variant (a label
 # that tells apart two runs of one script on one task, e.g. with and without a flag)
 case $preset in
@@ -106,8 +111,13 @@ CartPole-v1 same batch|ppo_mpi.py|CartPole-v1|500000|2|--num-envs 2
 CartPole-v1 same batch|ppo.py|CartPole-v1|500000|0|
 Breakout-v5|ppo_mpi.py|Breakout-v5|1000000|2|--clip-coef 0.1 --eval-episodes 0
 Breakout-v5|ppo_atari.py|Breakout-v5|1000000|0|--eval-episodes 0" ;;
-  "") echo "error: --preset is required (quick, classic, mujoco, atari, recurrent, masking or mpi)" >&2; exit 2 ;;
-  *) echo "error: --preset $preset is unknown; pick quick, classic, mujoco, atari, recurrent, masking or mpi" >&2; exit 2 ;;
+  pbt) specs="
+Acrobot-v1 learning rates 1e-5..1e-2|ppo_pbt.py|Acrobot-v1|200000|4|$PBT_LEARNING_RATES|PBT
+Acrobot-v1 learning rates 1e-5..1e-2|ppo_pbt.py|Acrobot-v1|200000|4|$PBT_LEARNING_RATES --evolve-interval 0|grid
+CartPole-v1 learning rates 1e-5..1e-2|ppo_pbt.py|CartPole-v1|50000|4|$PBT_LEARNING_RATES|PBT
+CartPole-v1 learning rates 1e-5..1e-2|ppo_pbt.py|CartPole-v1|50000|4|$PBT_LEARNING_RATES --evolve-interval 0|grid" ;;
+  "") echo "error: --preset is required (quick, classic, mujoco, atari, recurrent, masking, mpi or pbt)" >&2; exit 2 ;;
+  *) echo "error: --preset $preset is unknown; pick quick, classic, mujoco, atari, recurrent, masking, mpi or pbt" >&2; exit 2 ;;
 esac
 
 # run_one DIR CMD...: run CMD in DIR unless DIR holds a finished run; the wall time goes to DIR/done.

@@ -8,10 +8,10 @@ A copy of ppo.py, the reference script of this project, with three ideas:
   range's strata taken once, in an order drawn from --seed), and every member trains as ppo.py would with its own
   values, `--total-timesteps` steps of its own;
 - evolution: every `--evolve-interval` iterations the members share their fitness, the mean return of the episodes
-  they finished since the last evolution (training episodes: it costs no env steps, so a population and a grid of
-  ppo.py runs compare at equal steps); the worst `--truncation` of them each copy the winner of a tournament among
-  the others (weights, optimizer state, hyperparameters) and perturb its hyperparameters (x0.8 or x1.2, or drawn
-  anew from the range), within the ranges;
+  they finished since the last evolution, the last 100 at most (training episodes: they cost no env steps, so a
+  population and a grid of ppo.py runs compare at equal steps); the worst `--truncation` of them each copy the winner
+  of a tournament among the others (weights, optimizer state, hyperparameters) and perturb its hyperparameters (x0.8
+  or x1.2, or drawn anew from the range), within the ranges;
 - MPI as in ppo_mpi.py: rank 0 writes the logs (each member's curves in `member{rank}/`, the population's
   hyperparameters and lineage in `population.csv` and TensorBoard's `pbt/`), and at each evolution and at the end
   the checkpoint of the fittest member, which `--eval-checkpoint` evaluates; bad flags are printed once and a rank
@@ -1064,7 +1064,8 @@ def main(args: Args, comm: MPI.Comm = MPI.COMM_WORLD) -> None:
     resets = np.zeros((args.num_steps, args.num_envs), dtype=bool)
 
     tracker, recent_returns = EpisodeTracker(args.num_envs), deque(maxlen=100)
-    fitness_returns, fitness = [], [np.nan] * size  # the returns since the last evolution; every member's fitness
+    # the returns of (up to) the last 100 episodes since the last evolution, whose mean is the fitness; every member's
+    fitness_returns, fitness = deque(maxlen=100), [np.nan] * size
     progress = Progress(args.total_timesteps, global_step) if rank == 0 else None
     # Observations the mirror is checked on: random ones of the env's space, prepared as the env's (random action
     # masks appended where the env gives masks).
@@ -1215,7 +1216,7 @@ def main(args: Args, comm: MPI.Comm = MPI.COMM_WORLD) -> None:
                 args = replace(ranges, **population[rank])
                 if copied:
                     adopt(copied, agent, optimizer, args.learning_rate)
-                fitness_returns = []
+                fitness_returns.clear()
             writer.flush(comm, writers)
             if rank == 0:
                 for member, hyperparameters in enumerate(population):

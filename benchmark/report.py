@@ -5,7 +5,8 @@
 It reads what benchmark.sh leaves in a preset folder: TASK/SCRIPT/spec (task, script, env id, steps) and
 TASK/SCRIPT/seedN/ holding `done` (wall seconds) or `failed`, log.txt and runs/*/events.out.tfevents.*.
 
-The final return of a run is the mean episodic return over its last 10% of episodes (at least one); a task's figure
+The final return of a run is the mean episodic return over its last 10% of episodes (at least one); of a population
+(ppo_pbt.py, a folder per member), its best member's, whose curve is the run's curve; a task's figure
 for a script is the mean ± std (over seeds, population std) of those finals. Steps/s is the run's own `charts/SPS`
 at its end (env steps over training wall time), averaged over seeds. The greedy evaluation after training
 (`eval/episodic_return`, the mean over --eval-episodes episodes) is reported the same way: RL Zoo's published figures
@@ -57,6 +58,10 @@ def load_runs(preset_dir: Path) -> list:
                 scalars = read_scalars(seed_dir)
                 run["wall"] = float((seed_dir / "done").read_text())
                 run["curve"] = scalars.get("charts/episodic_return", [])
+                members = sorted(seed_dir.glob("runs/*/member*"))
+                if members:  # a population (ppo_pbt.py): the run's curve is its member's with the best final return
+                    curves = [read_scalars(member).get("charts/episodic_return", []) for member in members]
+                    run["curve"] = max(curves, key=lambda c: final_return([v for _, v in c]) if c else -math.inf)
                 run["sps"] = scalars["charts/SPS"][-1][1] if "charts/SPS" in scalars else float("nan")
                 run["eval"] = scalars["eval/episodic_return"][-1][1] if "eval/episodic_return" in scalars else None
                 if not run["curve"]:
