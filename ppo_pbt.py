@@ -853,13 +853,23 @@ def exchange(comm: MPI.Comm, plan: dict, state: dict, device: torch.device) -> d
     return None
 
 
-def adopt(state: dict, agent: Agent, optimizer: torch.optim.Optimizer, learning_rate: float) -> None:
-    """Go on from another member's state (or a checkpoint): its weights and optimizer state, with this member's own
-    learning rate (the anneal starts from it)."""
+def adopt(state: dict, agent: Agent, optimizer: torch.optim.Optimizer, lr_factor: float) -> None:
+    """Go on from another member's state (or a checkpoint): its weights and optimizer state, every parameter group's
+    learning rate scaled by lr_factor (this member's rate over the other's), so that a group with a rate of its own
+    keeps its ratio to the others; the anneal goes on from the scaled rates."""
     agent.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     for group in optimizer.param_groups:
-        group["lr"] = group["initial_lr"] = learning_rate
+        group["lr"] = group["initial_lr"] = group.get("initial_lr", group["lr"]) * lr_factor
+
+
+def population_rows(step: int, fitness: list, parents, population: list) -> str:
+    """population.csv's lines of one evolution (or of the start): step, member, fitness, parent, hyperparameters."""
+    lines = []
+    for member, hyperparameters in enumerate(population):
+        row = [step, member, fitness[member], parents[member], *hyperparameters.values()]
+        lines.append(",".join(f"{x:.6g}" if isinstance(x, float) else str(x) for x in row) + "\n")
+    return "".join(lines)
 
 
 class MemberWriter:
@@ -1012,7 +1022,7 @@ def main(args: Args, comm: MPI.Comm = MPI.COMM_WORLD) -> None:
     # Fused Adam: one kernel for every parameter instead of a loop of small ones (README, Speed).
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
     if checkpoint:
-        adopt(checkpoint, agent, optimizer, args.learning_rate)
+        adopt(checkpoint, agent, optimizer, args.learning_rate / checkpoint["args"]["learning_rate"])
 
     # Logs, checkpoints and progress are rank 0's; every member's scalars reach them through MemberWriter.flush.
     writers = None
@@ -1043,9 +1053,10 @@ def main(args: Args, comm: MPI.Comm = MPI.COMM_WORLD) -> None:
         checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
         population_csv = open(os.path.join(run_dir, "population.csv"), "a", buffering=1)
         if not population_csv.tell():
-            # per evolution and member: the fitness it had, the member whose weights it holds from then on, and its
-            # hyperparameters from then on
+            # at the start and at each evolution, per member: the fitness it had (its mean return since the last
+            # evolution), the member whose weights it holds from then on, and its hyperparameters from then on
             population_csv.write(",".join(["global_step", "member", "fitness", "parent", *EVOLVED]) + "\n")
+        population_csv.write(population_rows(global_step, [np.nan] * size, range(size), population))
     writer = MemberWriter()
     if dataset is not None:
         behaviour_cloning(agent, dataset, next_obs.shape[1], action_nvec(envs.single_action_space), args, writer)
@@ -1215,17 +1226,16 @@ def main(args: Args, comm: MPI.Comm = MPI.COMM_WORLD) -> None:
                     parents[member] = parent
                 args = replace(ranges, **population[rank])
                 if copied:
-                    adopt(copied, agent, optimizer, args.learning_rate)
+                    adopt(copied, agent, optimizer, args.learning_rate / copied["hyperparameters"]["learning_rate"])
                 fitness_returns.clear()
             writer.flush(comm, writers)
             if rank == 0:
+                population_csv.write(population_rows(global_step, fitness, parents, population))
                 for member, hyperparameters in enumerate(population):
                     writers[member].add_scalar("pbt/fitness", fitness[member], global_step)
                     writers[member].add_scalar("pbt/parent", parents[member], global_step)
                     for flag, value in hyperparameters.items():
                         writers[member].add_scalar(f"pbt/{flag}", value, global_step)
-                    row = [global_step, member, fitness[member], parents[member], *hyperparameters.values()]
-                    population_csv.write(",".join(f"{x:.6g}" if isinstance(x, float) else str(x) for x in row) + "\n")
 
         if progress:
             ret = f"{np.mean(recent_returns):.1f} (last {len(recent_returns)} episodes)" if recent_returns else "n/a"

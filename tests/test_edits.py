@@ -65,6 +65,7 @@ MLP = {
 CATALOGUE = {
     "ppo.py": MLP,
     "ppo_mpi.py": MLP,
+    "ppo_pbt.py": MLP,
     "ppo_continuous.py": MLP
     | {
         "features": [
@@ -115,6 +116,7 @@ SHORT = dict(num_steps=32, num_minibatches=2, update_epochs=2, eval_episodes=0)
 RUNS = {
     "ppo.py": dict(SHORT, total_timesteps=512),
     "ppo_mpi.py": dict(SHORT, total_timesteps=512),
+    "ppo_pbt.py": dict(SHORT, total_timesteps=512, update_epochs=(2, 2)),  # its hyperparameters are ranges
     "ppo_continuous.py": dict(SHORT, env_id="Pendulum-v1", total_timesteps=256),
     "ppo_atari.py": dict(SHORT, num_envs=2, num_steps=16, total_timesteps=128),
     "ppo_lstm.py": dict(SHORT, total_timesteps=512),
@@ -163,7 +165,7 @@ def test_edited_copy_trains_or_stops_with_one_line(script, edit, tmp_path, monke
         return
     assert edit != "dropout", "a rollout with a random layer trained on: the guard did not stop it"
     (run_dir,) = (tmp_path / "runs").iterdir()
-    scalars = read_scalars(run_dir)
+    scalars = read_scalars(run_dir / "member0" if script == "ppo_pbt.py" else run_dir)  # a population's first member
     approx_kl = [value for _, value in scalars["losses/approx_kl"]]
     assert all(np.isfinite(approx_kl)) and min(approx_kl) > 0, f"the optimizer moved nothing: approx_kl {approx_kl}"
     notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]

@@ -121,8 +121,9 @@ def test_a_population_of_two_learns_cartpole_on_two_ranks(workdir):
     run_dir = only_run_dir(workdir)
     rows = list(csv.DictReader(open(run_dir / "population.csv")))
     iterations = LEARNING_STEPS // 512
-    assert len(rows) == 2 * (iterations // 5 + 1)  # every evolution and the end, both members
-    evolutions = [rows[i : i + 2] for i in range(0, len(rows) - 2, 2)]
+    assert len(rows) == 2 * (iterations // 5 + 2)  # the start, every evolution and the end, both members
+    assert [row["fitness"] for row in rows[:2]] == ["nan", "nan"]
+    evolutions = [rows[i : i + 2] for i in range(2, len(rows) - 2, 2)]
     # each evolution, the less fit member copies the other (both finish CartPole episodes every 5 iterations)
     for pair in evolutions:
         fitness = [float(row["fitness"]) for row in pair]
