@@ -119,6 +119,9 @@ class Args:
     """with --gsde, draw new noise weights every this many steps (0: only at the start of each rollout)"""
     log_std_init: float = 0.0
     """the initial log-std of the Gaussian policy (with --gsde: of each noise weight)"""
+    recompute_adv: bool = False
+    """if toggled, the advantages and returns are recomputed with the critic as trained so far before every epoch
+    after the first (Tianshou's MuJoCo recipe)"""
 
 
 class UserError(Exception):
@@ -946,6 +949,17 @@ def main(args: Args) -> None:
 
         stats, num_updates = torch.zeros(6, device=device), 0
         for epoch in range(args.update_epochs):
+            if args.recompute_adv and epoch > 0:
+                with torch.no_grad():
+                    new_values = agent.get_value(torch.from_numpy(obs.reshape(-1, *obs_shape)).to(device))
+                    next_value = agent.get_value(torch.from_numpy(next_obs).to(device)).cpu().numpy()
+                advantages, returns = compute_gae(
+                    rewards, new_values.cpu().numpy().reshape(values.shape), terminations, truncations, resets,
+                    next_value, args.gamma, args.gae_lambda,
+                )  # fmt: skip
+                b_advantages, b_returns = (
+                    torch.from_numpy(x.reshape(-1)[transition]).to(device) for x in (advantages, returns)
+                )
             for mb_inds in torch.randperm(len(b_obs), device=device).tensor_split(args.num_minibatches):
                 _, newlogprob, entropy, newvalue = agent.get_action_and_value(b_obs[mb_inds], b_actions[mb_inds])
                 if num_updates == 0:  # nothing has moved the network since the rollout: it must give the same numbers
