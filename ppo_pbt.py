@@ -10,8 +10,9 @@ A copy of ppo.py, the reference script of this project, with three ideas:
 - evolution: every `--evolve-interval` iterations the members share their fitness, the mean return of the episodes
   they finished since the last evolution, the last 100 at most (training episodes: they cost no env steps, so a
   population and a grid of ppo.py runs compare at equal steps); the worst `--truncation` of them each copy the winner
-  of a tournament among the others (weights, optimizer state, hyperparameters) and perturb its hyperparameters (x0.8
-  or x1.2, or drawn anew from the range), within the ranges;
+  of a tournament among the others (weights, optimizer state, hyperparameters) where its returns are significantly
+  higher (Welch's t above `--copy-threshold`), and perturb its hyperparameters (x0.8 or x1.2, or drawn anew from the
+  range), within the ranges;
 - MPI as in ppo_mpi.py: rank 0 writes the logs (each member's curves in `member{rank}/`, the population's
   hyperparameters and lineage in `population.csv` and TensorBoard's `pbt/`), and at each evolution and at the end
   the checkpoint of the fittest member, which `--eval-checkpoint` evaluates; bad flags are printed once and a rank
@@ -137,6 +138,9 @@ class Args:
     """the fraction of the members, the least fit, that copy a fitter member at each evolution (at least one)"""
     tournament_size: int = 2
     """the number of fitter members drawn for the tournament whose winner a least fit member copies"""
+    copy_threshold: float = 1.96
+    """a least fit member copies the tournament's winner only if the winner's mean return is higher by more than this
+    many standard errors (Welch's t statistic; 0: whenever it is higher)"""
     resample_probability: float = 0.25
     """the chance that a copy draws a hyperparameter anew from its range instead of scaling it by 0.8 or 1.2"""
 
@@ -775,6 +779,8 @@ def validate_population(args: Args) -> None:
         raise UserError(f"--truncation {args.truncation} must lie between 0 and 1, e.g. 0.25")
     if args.tournament_size < 1:
         raise UserError(f"--tournament-size {args.tournament_size} must be 1 or more")
+    if not 0 <= args.copy_threshold < np.inf:  # NaN fails too
+        raise UserError(f"--copy-threshold {args.copy_threshold} must be 0 or a positive number, e.g. 1.96")
     if not 0 <= args.resample_probability <= 1:
         raise UserError(f"--resample-probability {args.resample_probability} must lie in [0, 1]")
 
@@ -811,19 +817,25 @@ def perturb(hyperparameters: dict, args: Args, rng: np.random.Generator) -> dict
     return perturbed
 
 
-def select(fitness: list, truncation: float, tournament_size: int, rng: np.random.Generator) -> dict:
-    """{member: the member it copies} for the least fit: the members with a fitness (NaN: no episode finished, it sits
-    this evolution out) ranked, the last `truncation` of them (at least one) each copying the fittest of
-    `tournament_size` members drawn from the others."""
-    ranked = sorted((m for m, f in enumerate(fitness) if np.isfinite(f)), key=lambda m: -fitness[m])
+def select(returns: list, args: Args, rng: np.random.Generator) -> dict:
+    """{member: the member it copies}, from each member's episode returns since the last evolution: the members ranked
+    by their mean return (fewer than 2 episodes: a member sits this evolution out), the last --truncation of them (at
+    least one) each draw --tournament-size of the others and copy the fittest entrant, if its returns are higher by more
+    than --copy-threshold standard errors (Welch's t statistic: Jaderberg et al.'s t-test selection), so that noise
+    alone moves no weights."""
+    stats = {m: (np.mean(r), np.var(r, ddof=1) / len(r)) for m, r in enumerate(returns) if len(r) >= 2}
+    ranked = sorted(stats, key=lambda m: -stats[m][0])
     if len(ranked) < 2:
         return {}
-    num_copies = min(len(ranked) - 1, math.ceil(truncation * len(ranked)))
+    num_copies = min(len(ranked) - 1, math.ceil(args.truncation * len(ranked)))
     survivors = ranked[:-num_copies]
     plan = {}
     for member in ranked[-num_copies:]:
-        entrants = rng.choice(len(survivors), min(tournament_size, len(survivors)), replace=False)
-        plan[member] = survivors[int(entrants.min())]  # the survivors are in order of fitness: the first is fittest
+        entrants = rng.choice(len(survivors), min(args.tournament_size, len(survivors)), replace=False)
+        parent = survivors[int(entrants.min())]  # the survivors are in order of fitness: the first entrant is fittest
+        (mean, squared_error), (parent_mean, parent_squared_error) = stats[member], stats[parent]
+        if parent_mean - mean > args.copy_threshold * math.sqrt(squared_error + parent_squared_error):
+            plan[member] = parent
     return plan
 
 
@@ -1191,7 +1203,8 @@ def main(args: Args, comm: MPI.Comm = MPI.COMM_WORLD) -> None:
         save = args.save_interval and iteration % args.save_interval == 0 or iteration == num_iterations
         if evolve or save:
             wait_for_all(comm)
-            fitness = comm.allgather(float(np.mean(fitness_returns)) if fitness_returns else np.nan)
+            member_returns = comm.allgather(list(fitness_returns))
+            fitness = [float(np.mean(r)) if r else np.nan for r in member_returns]
             fittest = int(np.nanargmax(fitness)) if not np.isnan(fitness).all() else 0
             state = {
                 "model": agent.state_dict(),
@@ -1215,9 +1228,7 @@ def main(args: Args, comm: MPI.Comm = MPI.COMM_WORLD) -> None:
                     )
             parents = list(range(size))
             if evolve:
-                plan = select(
-                    fitness, args.truncation, args.tournament_size, np.random.default_rng([args.seed, iteration])
-                )
+                plan = select(member_returns, args, np.random.default_rng([args.seed, iteration]))
                 copied = exchange(comm, plan, state, device)
                 for member, parent in plan.items():  # every rank draws every copy's values: the same on every rank
                     population[member] = perturb(
