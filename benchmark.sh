@@ -6,6 +6,7 @@
 #   ./benchmark.sh --preset classic --seeds 5 --workers 2
 #   ./benchmark.sh --preset mujoco --dry-run           # print the commands only
 #   ./benchmark.sh --preset mujoco --tasks 'Hopper|Walker'   # only the tasks that match this regular expression
+#   ./benchmark.sh --preset mujoco --only 'tuned'      # only the runs whose "TASK, SCRIPT [xRANKS] [VARIANT]" matches
 #   ./benchmark.sh --preset classic -- --num-envs 8    # flags after -- go to every script
 #
 # Each run lives in OUT/PRESET/TASK/SCRIPT/seedN/ (its log, its runs/ folder, a `done` file with its wall time);
@@ -17,11 +18,11 @@ set -euo pipefail
 usage() {
   sed -n '2,/^set /{/^#/s/^# \{0,1\}//p}' "$0"
   echo "Options: --preset quick|classic|mujoco|atari|recurrent|masking|mpi|pbt  --seeds N (3)  --workers N (1)"
-  echo "         --tasks REGEX (all)  --out DIR (benchmark/results)  --python PATH (.venv/bin/python)  --dry-run  -- FLAGS"
+  echo "         --tasks REGEX (all)  --only REGEX (all)  --out DIR (benchmark/results)  --python PATH (.venv/bin/python)  --dry-run  -- FLAGS"
 }
 
 repo=$(cd "$(dirname "$0")" && pwd)
-preset="" tasks="" seeds=3 workers=1 out="$repo/benchmark/results" dry_run=0 extra=()
+preset="" tasks="" only="" seeds=3 workers=1 out="$repo/benchmark/results" dry_run=0 extra=()
 python="$repo/.venv/bin/python"
 [[ -x $python ]] || python=python3
 while (($#)); do
@@ -29,6 +30,7 @@ while (($#)); do
     --preset) preset=$2; shift 2 ;;
     --seeds) seeds=$2; shift 2 ;;
     --tasks) tasks=$2; shift 2 ;;
+    --only) only=$2; shift 2 ;;
     --workers) workers=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
     --python) python=$2; shift 2 ;;
@@ -62,6 +64,11 @@ MOUNTAINCAR_LSTM="$MOUNTAINCAR_NOVEL --gsde --norm-obs --norm-reward"
 # 2 cores allow: see README), envpool's env (faster than gymnasium's at 8 envs).
 CARRACING_LSTM="--env-backend envpool --num-envs 8 --num-steps 512 --seq-len 128 --num-minibatches 32 --update-epochs 4 --learning-rate 3e-5 --gamma 0.99 --gae-lambda 0.9 --ent-coef 0 --clip-coef 0.4 --gsde --sde-sample-freq 4 --log-std-init -2 --eval-episodes 3"
 
+# MuJoCo: the rows without a variant run CleanRL's settings (the script's defaults); `tuned` runs Tianshou's PPO recipe
+# (examples/mujoco/mujoco_ppo.py: 8 envs x 256 steps, minibatches of 64, 10 epochs, advantages recomputed before each
+# epoch and not normalised, no value clipping, value coefficient 0.25, no entropy bonus, initial log-std -0.5).
+MUJOCO_TUNED="--num-envs 8 --num-steps 256 --num-minibatches 32 --update-epochs 10 --learning-rate 3e-4 --ent-coef 0 --vf-coef 0.25 --no-clip-vloss --no-norm-adv --recompute-adv --log-std-init -0.5"
+
 # Population-based training against a grid (ppo_pbt.py, 4 ranks): 4 members from learning rates spread over 1e-5..1e-2
 # (one per quarter of the range's decades: 2.4e-5, 1.3e-4, 7.5e-4, 4.2e-3), the other hyperparameters fixed at
 # ppo.py's values; the grid is the same population without evolution (--evolve-interval 0), the same steps in all.
@@ -83,7 +90,14 @@ MountainCar-v0|ppo.py|MountainCar-v0|500000|0|" ;;
   mujoco) specs="
 HalfCheetah-v4|ppo_continuous.py|HalfCheetah-v4|1000000|0|
 Hopper-v4|ppo_continuous.py|Hopper-v4|1000000|0|
-Walker2d-v4|ppo_continuous.py|Walker2d-v4|1000000|0|" ;;
+Walker2d-v4|ppo_continuous.py|Walker2d-v4|1000000|0|
+Ant-v4|ppo_continuous.py|Ant-v4|1000000|0|
+Humanoid-v4|ppo_continuous.py|Humanoid-v4|1000000|0|
+HalfCheetah-v4|ppo_continuous.py|HalfCheetah-v4|1000000|0|$MUJOCO_TUNED|tuned
+Hopper-v4|ppo_continuous.py|Hopper-v4|1000000|0|$MUJOCO_TUNED|tuned
+Walker2d-v4|ppo_continuous.py|Walker2d-v4|1000000|0|$MUJOCO_TUNED|tuned
+Ant-v4|ppo_continuous.py|Ant-v4|1000000|0|$MUJOCO_TUNED|tuned
+Humanoid-v4|ppo_continuous.py|Humanoid-v4|1000000|0|$MUJOCO_TUNED|tuned" ;;
   atari) specs="
 Pong-v5|ppo_atari.py|Pong-v5|10000000|0|--eval-episodes 0
 Breakout-v5|ppo_atari.py|Breakout-v5|10000000|0|--eval-episodes 0
@@ -144,6 +158,7 @@ while IFS='|' read -r task script env steps ranks flags variant; do
   launch=("$python" "$repo/$script")
   if ((ranks > 0)); then label="$script x$ranks" launch=("$mpiexec" -n "$ranks" "${launch[@]}"); fi
   label+=${variant:+ $variant}
+  [[ -z $only || "$task, $label" =~ $only ]] || continue
   for seed in $(seq 1 "$seeds"); do
     dir="$out/$preset/${task// /_}/${label// /_}/seed$seed"
     # shellcheck disable=SC2086  # $flags holds several words on purpose

@@ -65,7 +65,8 @@ MLP = {
 CATALOGUE = {
     "ppo.py": MLP,
     "ppo_mpi.py": MLP,
-    "ppo_pbt.py": MLP,
+    # ppo.py's network and loop: the edits that meet what ppo_pbt.py adds (a copy's optimizer state and rates)
+    "ppo_pbt.py": {edit: MLP[edit] for edit in ("shared trunk", "adamw", "param groups", "dropout")},
     "ppo_continuous.py": MLP
     | {
         "features": [
