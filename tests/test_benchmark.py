@@ -34,11 +34,15 @@ def test_dry_run_prints_every_command(tmp_path, preset):
     assert not (tmp_path / "out").exists()  # a dry run starts nothing
 
 
-def test_tasks_selects_matching_tasks(tmp_path):
+def test_tasks_and_only_select_matching_runs(tmp_path):
     result = bench("--preset", "mujoco", "--tasks", "Hopper|Walker", "--seeds", "1", "--dry-run", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     env_ids = [line.split("--env-id ")[1].split()[0] for line in result.stdout.splitlines()]
-    assert env_ids == ["Hopper-v4", "Walker2d-v4"]
+    assert env_ids == ["Hopper-v4", "Walker2d-v4"] * 2  # CleanRL's settings, then the tuned ones
+    result = bench("--preset", "mujoco", "--only", "Hopper.*tuned", "--seeds", "2", "--dry-run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2 and all("--env-id Hopper-v4" in line and "--recompute-adv" in line for line in lines)
 
 
 def test_bad_options(tmp_path):
