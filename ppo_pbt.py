@@ -77,8 +77,7 @@ class Args:
     eval_checkpoint: str | None = None
     """evaluate the checkpoint at this path with the greedy policy, then exit without training"""
     resume: str | None = None
-    """start every member from the checkpoint at this path (weights, optimizer, global step, lr schedule); each keeps
-    its own hyperparameters from the ranges"""
+    """start every member from this checkpoint (weights, optimizer, global step), each with its own hyperparameters"""
     save_dataset: str | None = None
     """with --eval-checkpoint: also write the evaluation's observations and actions to this .npz, for --bc-dataset"""
     bc_dataset: str | None = None
@@ -132,15 +131,13 @@ class Args:
 
     # Population-based training
     evolve_interval: int = 10
-    """the members evolve every this many iterations (0: never, the population is a random search of independent
-    runs)"""
+    """the members evolve every this many iterations (0: never; the population is then a random search)"""
     truncation: float = 0.25
     """the fraction of the members, the least fit, that copy a fitter member at each evolution (at least one)"""
     tournament_size: int = 2
     """the number of fitter members drawn for the tournament whose winner a least fit member copies"""
     copy_threshold: float = 1.96
-    """a least fit member copies the tournament's winner only if the winner's mean return is higher by more than this
-    many standard errors (Welch's t statistic; 0: whenever it is higher)"""
+    """a least fit member copies only if the winner's mean return is higher by this many standard errors (Welch's t)"""
     resample_probability: float = 0.25
     """the chance that a copy draws a hyperparameter anew from its range instead of scaling it by 0.8 or 1.2"""
 

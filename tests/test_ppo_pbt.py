@@ -159,3 +159,14 @@ def test_a_population_of_two_learns_cartpole_on_two_ranks(workdir):
         "ppo_pbt.py", "--eval-checkpoint", str(run_dir / "checkpoint.pt"), "--eval-episodes", "2", cwd=workdir
     )
     assert result.returncode == 0 and "over 2 greedy episodes" in result.stdout, result.stderr
+    # --resume grows a population (here of one) from it: the steps go on, in the same folder
+    steps = str(LEARNING_STEPS + 1024)
+    result = run_in_process(
+        "ppo_pbt.py", "--resume", str(run_dir / "checkpoint.pt"), "--total-timesteps", steps, "--eval-episodes", "0",
+        cwd=workdir,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["global_step"] == (LEARNING_STEPS // 512 + 2) * 512
+    assert list(csv.DictReader(open(run_dir / "population.csv")))[-1]["global_step"] == str(
+        (LEARNING_STEPS // 512 + 2) * 512
+    )
