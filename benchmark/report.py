@@ -3,7 +3,10 @@
     python benchmark/report.py benchmark/results/quick
 
 It reads what benchmark.sh leaves in a preset folder: TASK/SCRIPT/spec (task, script, env id, steps) and
-TASK/SCRIPT/seedN/ holding `done` (wall seconds) or `failed`, log.txt and runs/*/events.out.tfevents.*.
+TASK/SCRIPT/seedN/ holding `done` (wall seconds) or `failed`, log.txt and runs/*/events.out.tfevents.*. What it needs
+of a finished run goes to seedN/summary.json (the final return, the greedy evaluation, steps/s, the curve binned to
+at most 500 points): git keeps spec, done and summary.json (.gitignore), so a fresh clone still reports and plots
+the runs of earlier sessions, and benchmark.sh skips them; a run's own events, where present, always win.
 
 The final return of a run is the mean episodic return over its last 10% of episodes (at least one); of a population
 (ppo_pbt.py, a folder per member), its best member's, whose curve is the run's curve; a task's figure
@@ -16,6 +19,7 @@ beside it.
 
 import argparse
 import csv
+import json
 import math
 import warnings
 from pathlib import Path
@@ -23,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 FINAL_FRACTION = 0.1
+CURVE_POINTS = 500  # a stored curve: consecutive episodes averaged in this many bins, enough for a plot
 PUBLISHED = Path(__file__).resolve().parent / "published.csv"
 
 
@@ -44,6 +49,31 @@ def final_return(returns: list) -> float:
     return float(np.mean(returns[-tail:]))
 
 
+def binned(curve: list, points: int = CURVE_POINTS) -> list:
+    """The curve [(step, return), ...] as at most `points` bins of consecutive episodes: (last step, mean return)."""
+    if len(curve) <= points:
+        return [list(point) for point in curve]
+    steps, values = np.array(curve, dtype=np.float64).T
+    return [[steps[b[-1]], values[b].mean()] for b in np.array_split(np.arange(len(curve)), points)]
+
+
+def summarise_events(seed_dir: Path) -> dict:
+    """A finished run's summary from its TensorBoard events: final return (of the full curve), greedy evaluation,
+    steps/s and the binned curve."""
+    scalars = read_scalars(seed_dir)
+    curve = scalars.get("charts/episodic_return", [])
+    members = sorted(seed_dir.glob("runs/*/member*"))
+    if members:  # a population (ppo_pbt.py): the run's curve is its member's with the best final return
+        curves = [read_scalars(member).get("charts/episodic_return", []) for member in members]
+        curve = max(curves, key=lambda c: final_return([v for _, v in c]) if c else -math.inf)
+    return {
+        "final": final_return([v for _, v in curve]) if curve else None,
+        "eval": scalars["eval/episodic_return"][-1][1] if "eval/episodic_return" in scalars else None,
+        "sps": scalars["charts/SPS"][-1][1] if "charts/SPS" in scalars else None,
+        "curve": binned(curve),
+    }
+
+
 def load_runs(preset_dir: Path) -> list:
     """One dict per (task, script, seed): status (done, failed, missing), wall time, return curve, SPS."""
     runs = []
@@ -55,15 +85,12 @@ def load_runs(preset_dir: Path) -> list:
                 "done" if (seed_dir / "done").exists() else "failed" if (seed_dir / "failed").exists() else "missing"
             )
             if run["status"] == "done":
-                scalars = read_scalars(seed_dir)
+                stored = seed_dir / "summary.json"
+                if any(seed_dir.rglob("events.out.tfevents.*")) or not stored.exists():
+                    stored.write_text(json.dumps(summarise_events(seed_dir)) + "\n")
+                run |= json.loads(stored.read_text())
                 run["wall"] = float((seed_dir / "done").read_text())
-                run["curve"] = scalars.get("charts/episodic_return", [])
-                members = sorted(seed_dir.glob("runs/*/member*"))
-                if members:  # a population (ppo_pbt.py): the run's curve is its member's with the best final return
-                    curves = [read_scalars(member).get("charts/episodic_return", []) for member in members]
-                    run["curve"] = max(curves, key=lambda c: final_return([v for _, v in c]) if c else -math.inf)
-                run["sps"] = scalars["charts/SPS"][-1][1] if "charts/SPS" in scalars else float("nan")
-                run["eval"] = scalars["eval/episodic_return"][-1][1] if "eval/episodic_return" in scalars else None
+                run["sps"] = float("nan") if run["sps"] is None else run["sps"]
                 if not run["curve"]:
                     run["status"] = "no episodes"
             runs.append(run)
@@ -85,7 +112,7 @@ def summarise(runs: list) -> list:
     for key in dict.fromkeys((r["task"], r["script"]) for r in runs):
         group = [r for r in runs if (r["task"], r["script"]) == key]
         done = [r for r in group if r["status"] == "done"]
-        finals = [final_return([v for _, v in r["curve"]]) for r in done]
+        finals = [r["final"] for r in done]
         evals = [r["eval"] for r in done if r["eval"] is not None]
         rows.append(
             {

@@ -1,8 +1,10 @@
 """benchmark.sh and benchmark/report.py: dry runs of every preset, the report on synthetic runs, a real tiny run."""
 
 import importlib.util
+import shutil
 import subprocess
 
+import numpy as np
 import pytest
 from torch.utils.tensorboard import SummaryWriter
 
@@ -38,11 +40,12 @@ def test_tasks_and_only_select_matching_runs(tmp_path):
     result = bench("--preset", "mujoco", "--tasks", "Hopper|Walker", "--seeds", "1", "--dry-run", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     env_ids = [line.split("--env-id ")[1].split()[0] for line in result.stdout.splitlines()]
-    assert env_ids == ["Hopper-v4", "Walker2d-v4"] * 2  # CleanRL's settings, then the tuned ones
-    result = bench("--preset", "mujoco", "--only", "Hopper.*tuned", "--seeds", "2", "--dry-run", cwd=tmp_path)
+    assert env_ids == ["Hopper-v4", "Walker2d-v4"] * 3  # CleanRL's settings, the tuned ones, tuned with gSDE
+    result = bench("--preset", "mujoco", "--only", "Hopper.*tuned$", "--seeds", "2", "--dry-run", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert len(lines) == 2 and all("--env-id Hopper-v4" in line and "--recompute-adv" in line for line in lines)
+    assert not any("--gsde" in line for line in lines)
 
 
 def test_bad_options(tmp_path):
@@ -106,6 +109,22 @@ def test_report_on_synthetic_runs(tmp_path):
     assert "| CartPole-v1 | ppo_x.py | 2,000 | 1 | 5.00 ± 0.00 | - |" in text  # no evaluation logged
     assert str(tmp_path / "CartPole-v1" / "ppo.py" / "seed3" / "log.txt") in text  # the failed run's log
     assert (tmp_path / "CartPole-v1.png").stat().st_size > 5000
+
+    # what git keeps of a run (spec, done, summary.json) reports the same rows without its events and logs
+    for events in tmp_path.rglob("runs"):
+        shutil.rmtree(events)
+    assert report.summarise(report.load_runs(tmp_path)) == rows
+
+
+def test_a_stored_curve_is_binned_and_keeps_the_final_return(tmp_path):
+    seed_dir = tmp_path / "CartPole-v1" / "ppo.py" / "seed1"
+    seed_dir.parent.mkdir(parents=True)
+    (seed_dir.parent / "spec").write_text("CartPole-v1\nppo.py\nCartPole-v1\n200000\n")
+    returns = [float(i) for i in range(2000)]
+    write_run(seed_dir, returns)
+    (run,) = report.load_runs(tmp_path)
+    assert len(run["curve"]) == report.CURVE_POINTS and run["curve"][-1] == [200000, np.mean(returns[-4:])]
+    assert run["final"] == pytest.approx(np.mean(returns[-200:]))  # the last 10% of all 2000 episodes
 
 
 def test_report_rejects_an_empty_folder(tmp_path):
