@@ -67,7 +67,11 @@ CARRACING_LSTM="--env-backend envpool --num-envs 8 --num-steps 512 --seq-len 128
 # MuJoCo: the rows without a variant run CleanRL's settings (the script's defaults); `tuned` runs Tianshou's PPO recipe
 # (examples/mujoco/mujoco_ppo.py: 8 envs x 256 steps, minibatches of 64, 10 epochs, advantages recomputed before each
 # epoch and not normalised, no value clipping, value coefficient 0.25, no entropy bonus, initial log-std -0.5).
-MUJOCO_TUNED="--num-envs 8 --num-steps 256 --num-minibatches 32 --update-epochs 10 --learning-rate 3e-4 --ent-coef 0 --vf-coef 0.25 --no-clip-vloss --no-norm-adv --recompute-adv --log-std-init -0.5"
+# `tuned gSDE`: the same recipe exploring by gSDE, noise weights redrawn every 4 steps (RL Zoo's PyBullet entries) from a
+# log-std of -2: over 64 tanh features that starts each action's std near the Gaussian's exp(-0.5).
+MUJOCO_RECIPE="--num-envs 8 --num-steps 256 --num-minibatches 32 --update-epochs 10 --learning-rate 3e-4 --ent-coef 0 --vf-coef 0.25 --no-clip-vloss --no-norm-adv --recompute-adv"
+MUJOCO_TUNED="$MUJOCO_RECIPE --log-std-init -0.5"
+MUJOCO_GSDE="$MUJOCO_RECIPE --gsde --sde-sample-freq 4 --log-std-init -2"
 
 # Population-based training against a grid (ppo_pbt.py, 4 ranks): 4 members from learning rates spread over 1e-5..1e-2
 # (one per quarter of the range's decades: 2.4e-5, 1.3e-4, 7.5e-4, 4.2e-3), the other hyperparameters fixed at
@@ -97,7 +101,12 @@ HalfCheetah-v4|ppo_continuous.py|HalfCheetah-v4|1000000|0|$MUJOCO_TUNED|tuned
 Hopper-v4|ppo_continuous.py|Hopper-v4|1000000|0|$MUJOCO_TUNED|tuned
 Walker2d-v4|ppo_continuous.py|Walker2d-v4|1000000|0|$MUJOCO_TUNED|tuned
 Ant-v4|ppo_continuous.py|Ant-v4|1000000|0|$MUJOCO_TUNED|tuned
-Humanoid-v4|ppo_continuous.py|Humanoid-v4|1000000|0|$MUJOCO_TUNED|tuned" ;;
+Humanoid-v4|ppo_continuous.py|Humanoid-v4|1000000|0|$MUJOCO_TUNED|tuned
+HalfCheetah-v4|ppo_continuous.py|HalfCheetah-v4|1000000|0|$MUJOCO_GSDE|tuned gSDE
+Hopper-v4|ppo_continuous.py|Hopper-v4|1000000|0|$MUJOCO_GSDE|tuned gSDE
+Walker2d-v4|ppo_continuous.py|Walker2d-v4|1000000|0|$MUJOCO_GSDE|tuned gSDE
+Ant-v4|ppo_continuous.py|Ant-v4|1000000|0|$MUJOCO_GSDE|tuned gSDE
+Humanoid-v4|ppo_continuous.py|Humanoid-v4|1000000|0|$MUJOCO_GSDE|tuned gSDE" ;;
   atari) specs="
 Pong-v5|ppo_atari.py|Pong-v5|10000000|0|--eval-episodes 0
 Breakout-v5|ppo_atari.py|Breakout-v5|10000000|0|--eval-episodes 0
