@@ -138,7 +138,7 @@ def markdown(rows: list, published: dict, plots: dict) -> str:
     ]
     for row in rows:
         refs = "; ".join(
-            f"{p['mean']} ± {p['std']} ({p['source']}, {int(p['steps']):,} steps)"
+            f"{p['mean']}{' ± ' + p['std'] if p['std'] else ''} ({p['source']}, {int(p['steps']):,} steps)"
             for p in published.get(row["task"], [])
         )
         result = f"{row['mean']:.2f} ± {row['std']:.2f}" if row["seeds"] else "no finished run"

@@ -167,3 +167,10 @@ def test_tiny_real_benchmark_reports_failures_and_skips_finished_runs(tmp_path):
     assert bad.returncode == 1  # seed 2's runs fail (seed 1's are done and skipped); the exit status says so
     assert bad.stderr.count("FAILED (exit") == 3 and "3 run(s) failed" in bad.stderr and "log.txt" in bad.stderr
     assert "does not divide" in (out / "classic" / "CartPole-v1" / "ppo.py" / "seed2" / "log.txt").read_text()
+
+
+def test_a_published_figure_without_its_std_reads_as_one_number():
+    row = {"task": "T", "script": "s", "steps": 1000, "seeds": 1, "mean": 1.0, "std": 0.0, "eval": "-", "problems": []}
+    published = {"T": [{"mean": "787", "std": "", "source": "Tianshou ppo (best point)", "steps": "1000000"}]}
+    text = report.markdown([row | {"sps": 1.0, "wall": 60.0}], published, {})
+    assert "| 787 (Tianshou ppo (best point), 1,000,000 steps) |" in text
