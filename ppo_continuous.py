@@ -119,6 +119,8 @@ class Args:
     """with --gsde, draw new noise weights every this many steps (0: only at the start of each rollout)"""
     log_std_init: float = 0.0
     """the initial log-std of the Gaussian policy (with --gsde: of each noise weight)"""
+    hidden_size: int = 64
+    """the width of the two hidden layers of the actor and of the critic (64: CleanRL's, the PPO paper's)"""
     recompute_adv: bool = False
     """if toggled, the advantages and returns are recomputed with the critic as trained so far before every epoch
     after the first (Tianshou's MuJoCo recipe)"""
@@ -162,7 +164,7 @@ def check_numbers(args) -> None:
 
 
 def validate_args(args: Args) -> None:
-    for flag in ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs"):
+    for flag in ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "hidden_size"):
         if getattr(args, flag) <= 0:
             raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be positive")
     if args.eval_episodes < 0 or args.save_interval < 0:
@@ -300,7 +302,14 @@ def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
 
 
 class Agent(nn.Module):
-    def __init__(self, obs_space: gym.Space, act_space: gym.Space, gsde: bool = False, log_std_init: float = 0.0):
+    def __init__(
+        self,
+        obs_space: gym.Space,
+        act_space: gym.Space,
+        gsde: bool = False,
+        log_std_init: float = 0.0,
+        hidden: int = 64,
+    ):
         super().__init__()
         if not isinstance(act_space, gym.spaces.Box):
             discrete = (gym.spaces.Discrete, gym.spaces.MultiDiscrete, gym.spaces.MultiBinary)
@@ -309,22 +318,22 @@ class Agent(nn.Module):
         # observations arrive encoded as flat float vectors (ObsPreparer)
         obs_dim, act_dim = encoded_size(obs_space), int(np.prod(act_space.shape))
         self.critic = nn.Sequential(
-            layer_init(nn.Linear(obs_dim, 64)),
+            layer_init(nn.Linear(obs_dim, hidden)),
             nn.Tanh(),
-            layer_init(nn.Linear(64, 64)),
+            layer_init(nn.Linear(hidden, hidden)),
             nn.Tanh(),
-            layer_init(nn.Linear(64, 1), std=1.0),
+            layer_init(nn.Linear(hidden, 1), std=1.0),
         )
         # The actor gives the Gaussian's mean; its log-std is one learned number per action dimension, independent of
         # the state (PPO paper, CleanRL), starting at 0: std 1. gSDE learns one per (latent, action) pair instead, the
         # latent being the input of the actor's last layer: the noise is the latent times weights of these stds
         # (sample_noise), so its std depends on the state.
         self.actor = nn.Sequential(
-            layer_init(nn.Linear(obs_dim, 64)),
+            layer_init(nn.Linear(obs_dim, hidden)),
             nn.Tanh(),
-            layer_init(nn.Linear(64, 64)),
+            layer_init(nn.Linear(hidden, hidden)),
             nn.Tanh(),
-            layer_init(nn.Linear(64, act_dim), std=0.01),
+            layer_init(nn.Linear(hidden, act_dim), std=0.01),
         )
         self.gsde, rows = gsde, self.actor[-1].in_features if gsde else 1
         self.actor_logstd = nn.Parameter(torch.full((rows, act_dim), float(log_std_init)))
@@ -801,8 +810,9 @@ def main(args: Args) -> None:
         checkpoint = load_checkpoint(args.eval_checkpoint or args.resume, flag, script)
         # The env, its observations and the network are the checkpoint's: evaluation takes them, resuming must repeat
         # them.
-        for key in ("env_id", "mask_velocity", "gsde"):
-            value = checkpoint["args"].get(key, False)
+        network_keys = ("gsde", "hidden_size")
+        for key in ("env_id", "mask_velocity", *network_keys):
+            value = checkpoint["args"].get(key, getattr(Args, key))  # a flag newer than the checkpoint: its default
             if args.eval_checkpoint:
                 setattr(args, key, value)
             elif value != getattr(args, key):
@@ -817,9 +827,10 @@ def main(args: Args) -> None:
     # One CPU thread: at a 64x64 MLP's sizes a second thread's synchronisation costs more than it brings.
     torch.set_num_threads(1)
 
+    network = (args.gsde, args.log_std_init, args.hidden_size)  # Agent's arguments
     if args.eval_checkpoint:
         envs = make_envs(args.env_id, 1, args.seed, backend)
-        agent = Agent(envs.single_observation_space, envs.single_action_space, args.gsde, args.log_std_init).to(device)
+        agent = Agent(envs.single_observation_space, envs.single_action_space, *network).to(device)
         prepare = ObsPreparer(envs.single_observation_space, args)
         envs.close()
         load_agent(agent, checkpoint, "--eval-checkpoint")
@@ -846,7 +857,7 @@ def main(args: Args) -> None:
     torch.manual_seed(seed)
 
     envs = make_envs(args.env_id, args.num_envs, seed, backend)
-    agent = Agent(envs.single_observation_space, envs.single_action_space, args.gsde, args.log_std_init).to(device)
+    agent = Agent(envs.single_observation_space, envs.single_action_space, *network).to(device)
     prepare = ObsPreparer(envs.single_observation_space, args)
     # Fused Adam: one kernel for every parameter instead of a loop of small ones (README, Speed).
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)

@@ -34,6 +34,7 @@ CASES = [
     ("ppo_continuous.py", ["--env-id", "CheetahRun-v1", "--capture-video"], "--capture-video"),
     ("ppo_continuous.py", ["--eval-checkpoint", "missing.pt"], "--eval-checkpoint missing.pt: no such file"),
     ("ppo_continuous.py", ["--mask-velocity"], "--mask-velocity: no velocity entries known for HalfCheetah-v4"),
+    ("ppo_continuous.py", ["--hidden-size", "0"], "--hidden-size 0 must be positive"),
     ("ppo_lstm.py", ["--num-minibatches", "3"], "--num-minibatches 3 does not divide the 4 sequences of a rollout"),
     ("ppo_lstm.py", ["--seq-len", "32", "--num-minibatches", "3"], "does not divide the 16 sequences"),
     ("ppo_lstm.py", ["--seq-len", "100"], "--seq-len 100 does not divide --num-steps 128"),

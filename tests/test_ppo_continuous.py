@@ -490,21 +490,25 @@ def test_behaviour_cloning_learns_the_expert_mean(workdir):
     np.testing.assert_array_equal(checkpoint["obs_rms"]["var"].numpy() > 0.5, True)  # the expert's, then updated
 
 
-def test_gsde_run_resamples_its_noise_and_its_checkpoint_evaluates(workdir, monkeypatch):
+def test_gsde_run_of_another_width_resamples_its_noise_and_its_checkpoint_evaluates(workdir, monkeypatch):
     calls = []
     sample_noise = pc.Agent.sample_noise
     monkeypatch.setattr(pc.Agent, "sample_noise", lambda self, n, rng: calls.append(n) or sample_noise(self, n, rng))
     gsde = ["--gsde", "--sde-sample-freq", "16", "--log-std-init", "-1"]
     args = ["--env-id", "Pendulum-v1", "--num-envs", "2", "--num-steps", "64", "--num-minibatches", "2", *gsde]
+    args += ["--hidden-size", "32"]
     result = run_in_process("ppo_continuous.py", *args, "--total-timesteps", "256", "--eval-episodes", "0", cwd=workdir)
     assert result.returncode == 0, result.stderr  # the guard held: a first-minibatch ratio of 1
     # once for the rollout's probe, then at steps 0, 16, 32, 48 of each of the 2 rollouts, for the 2 envs
     assert calls == [64] + [2] * 8
     checkpoint = only_run_dir(workdir) / "checkpoint.pt"
-    assert torch.load(checkpoint, weights_only=True)["model"]["actor_logstd"].shape == (64, 1)
+    model = torch.load(checkpoint, weights_only=True)["model"]
+    assert model["actor_logstd"].shape == (32, 1) and model["critic.2.weight"].shape == (32, 32)
     result = run_in_process(
         "ppo_continuous.py", "--eval-checkpoint", str(checkpoint), "--eval-episodes", "1", cwd=workdir
     )
-    assert result.returncode == 0 and "over 1 greedy episodes" in result.stdout, result.stderr  # a gSDE network
+    assert result.returncode == 0 and "over 1 greedy episodes" in result.stdout, result.stderr  # its network, built
     result = run_in_process("ppo_continuous.py", *args[:8], "--resume", str(checkpoint), cwd=workdir)
     assert result.returncode == 2 and "trained with --gsde True" in result.stderr
+    result = run_in_process("ppo_continuous.py", *args[:13], "--resume", str(checkpoint), cwd=workdir)
+    assert result.returncode == 2 and "trained with --hidden-size 32" in result.stderr
