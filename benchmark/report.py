@@ -13,8 +13,9 @@ The final return of a run is the mean episodic return over its last 10% of episo
 for a script is the mean ± std (over seeds, population std) of those finals. Steps/s is the run's own `charts/SPS`
 at its end (env steps over training wall time), averaged over seeds. The greedy evaluation after training
 (`eval/episodic_return`, the mean over --eval-episodes episodes) is reported the same way: RL Zoo's published figures
-are such evaluations of the final policy. The report goes to PRESET/report.md, the plots
-beside it.
+are such evaluations of the final policy. The best of the mean curve is the highest point of the plotted curve (each
+run's smoothed over 5% of its episodes, then averaged over seeds): Tianshou's published metric. The report goes to
+PRESET/report.md, the plots beside it.
 """
 
 import argparse
@@ -106,6 +107,22 @@ def load_published(path: Path = PUBLISHED) -> dict:
     return published
 
 
+def mean_curve(runs: list) -> tuple:
+    """The mean and std over runs (one script's seeds on one task) of their curves, each smoothed by a running mean
+    over 5% of its points and read on a common grid of 100 steps; NaN where no run has reached a point yet."""
+    grid = np.linspace(0, max(r["steps"] for r in runs), 100)
+    smoothed = []
+    for run in runs:
+        steps, values = np.array(run["curve"], dtype=np.float64).T
+        window = max(1, len(values) // 20)
+        values = np.convolve(values, np.ones(window) / window, mode="valid")
+        steps = steps[window - 1 :]
+        smoothed.append(np.where((grid >= steps[0]) & (grid <= steps[-1]), np.interp(grid, steps, values), np.nan))
+    with warnings.catch_warnings():  # grid points that no seed reaches stay empty (NaN): expected
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return grid, np.nanmean(smoothed, axis=0), np.nanstd(smoothed, axis=0)
+
+
 def summarise(runs: list) -> list:
     """One row per (task, script): counts, final return mean ± std over the finished seeds, SPS, wall time."""
     rows = []
@@ -122,6 +139,8 @@ def summarise(runs: list) -> list:
                 "seeds": len(done),
                 "problems": [f"{r['dir'].name} {r['status']} ({r['dir'] / 'log.txt'})" for r in group if r not in done],
                 "mean": float(np.mean(finals)) if finals else float("nan"),
+                # Tianshou's metric: the highest point of the curve averaged over seeds
+                "best": float(np.nanmax(mean_curve(done)[1])) if done else float("nan"),
                 "std": float(np.std(finals)) if finals else float("nan"),
                 "eval": f"{np.mean(evals):.2f} ± {np.std(evals):.2f}" if len(evals) == len(done) and done else "-",
                 "sps": float(np.mean([r["sps"] for r in done])) if done else float("nan"),
@@ -133,8 +152,9 @@ def summarise(runs: list) -> list:
 
 def markdown(rows: list, published: dict, plots: dict) -> str:
     lines = [
-        "| task | script | steps | seeds | final return (mean ± std) | greedy eval | steps/s | wall time | published |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| task | script | steps | seeds | final return (mean ± std) | greedy eval | best of mean curve | steps/s | "
+        "wall time | published |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         refs = "; ".join(
@@ -144,6 +164,7 @@ def markdown(rows: list, published: dict, plots: dict) -> str:
         result = f"{row['mean']:.2f} ± {row['std']:.2f}" if row["seeds"] else "no finished run"
         lines.append(
             f"| {row['task']} | {row['script']} | {row['steps']:,} | {row['seeds']} | {result} | {row['eval']} | "
+            f"{row['best']:.2f} | "
             f"{row['sps']:,.0f} | {row['wall'] / 60:.1f} min | {refs or '-'} |"
         )
     problems = [f"- {row['task']}, {row['script']}: {p}" for row in rows for p in row["problems"]]
@@ -162,21 +183,11 @@ def plot_task(task: str, runs: list, published: list, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
     for script in dict.fromkeys(r["script"] for r in runs):
-        curves = [r["curve"] for r in runs if r["script"] == script and r["status"] == "done"]
-        if not curves:
+        done = [r for r in runs if r["script"] == script and r["status"] == "done"]
+        if not done:
             continue
-        grid = np.linspace(0, max(r["steps"] for r in runs if r["script"] == script), 100)
-        smoothed = []
-        for curve in curves:
-            steps, values = np.array(curve).T
-            window = max(1, len(values) // 20)  # a running mean over 5% of the episodes
-            values = np.convolve(values, np.ones(window) / window, mode="valid")
-            steps = steps[window - 1 :]
-            smoothed.append(np.where((grid >= steps[0]) & (grid <= steps[-1]), np.interp(grid, steps, values), np.nan))
-        with warnings.catch_warnings():  # grid points that no seed reaches stay empty (NaN): expected
-            warnings.simplefilter("ignore", RuntimeWarning)
-            mean, std = np.nanmean(smoothed, axis=0), np.nanstd(smoothed, axis=0)
-        ax.plot(grid, mean, label=f"{script} ({len(curves)} seeds)")
+        grid, mean, std = mean_curve(done)
+        ax.plot(grid, mean, label=f"{script} ({len(done)} seeds)")
         ax.fill_between(grid, mean - std, mean + std, alpha=0.25)
     for i, ref in enumerate(published):
         ax.axhline(

@@ -94,6 +94,8 @@ def test_report_on_synthetic_runs(tmp_path):
     assert ppo_row["seeds"] == 2
     assert ppo_row["mean"] == pytest.approx(20.0) and ppo_row["std"] == pytest.approx(10.0)
     assert ppo_row["sps"] == pytest.approx(2000.0) and ppo_row["wall"] == pytest.approx(120.0)
+    # the highest point of the seeds' mean curve: the last episode, seed 1's 10 and seed 2's 40 (a window of 1)
+    assert ppo_row["best"] == pytest.approx(25.0)
     assert [p.split()[:2] for p in ppo_row["problems"]] == [["seed3", "failed"], ["seed4", "missing"]]
 
     result = subprocess.run(
@@ -104,9 +106,11 @@ def test_report_on_synthetic_runs(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     text = (tmp_path / "report.md").read_text()
-    row = "| CartPole-v1 | ppo.py | 2,000 | 2 | 20.00 ± 10.00 | 150.00 ± 50.00 | 2,000 | 2.0 min | 490.04 ± 6.12"
+    row = (
+        "| CartPole-v1 | ppo.py | 2,000 | 2 | 20.00 ± 10.00 | 150.00 ± 50.00 | 25.00 | 2,000 | 2.0 min | 490.04 ± 6.12"
+    )
     assert row in text
-    assert "| CartPole-v1 | ppo_x.py | 2,000 | 1 | 5.00 ± 0.00 | - |" in text  # no evaluation logged
+    assert "| CartPole-v1 | ppo_x.py | 2,000 | 1 | 5.00 ± 0.00 | - | 5.00 |" in text  # no evaluation logged
     assert str(tmp_path / "CartPole-v1" / "ppo.py" / "seed3" / "log.txt") in text  # the failed run's log
     assert (tmp_path / "CartPole-v1.png").stat().st_size > 5000
 
@@ -170,7 +174,8 @@ def test_tiny_real_benchmark_reports_failures_and_skips_finished_runs(tmp_path):
 
 
 def test_a_published_figure_without_its_std_reads_as_one_number():
-    row = {"task": "T", "script": "s", "steps": 1000, "seeds": 1, "mean": 1.0, "std": 0.0, "eval": "-", "problems": []}
+    row = {"task": "T", "script": "s", "steps": 1000, "seeds": 1, "mean": 1.0, "std": 0.0, "eval": "-", "best": 1.0}
+    row["problems"] = []
     published = {"T": [{"mean": "787", "std": "", "source": "Tianshou ppo (best point)", "steps": "1000000"}]}
     text = report.markdown([row | {"sps": 1.0, "wall": 60.0}], published, {})
     assert "| 787 (Tianshou ppo (best point), 1,000,000 steps) |" in text
