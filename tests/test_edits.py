@@ -68,7 +68,13 @@ CATALOGUE = {
     # ppo.py's network and loop: the edits that meet what ppo_pbt.py adds (a copy's optimizer state and rates)
     "ppo_pbt.py": {edit: MLP[edit] for edit in ("shared trunk", "adamw", "param groups", "dropout")},
     "ppo_continuous.py": MLP
-    | {
+    | {  # its width is a flag (--hidden-size): the layers read `hidden`
+        "layernorm": [tuple(f.replace(", 64)", ", hidden)").replace("(64)", "(hidden)") for f in MLP["layernorm"][0])],
+        "wide": [("hidden_size: int = 64", "hidden_size: int = 256")],
+        "shared trunk": [
+            tuple(f.replace(", 64)", ", hidden)").replace("(64, ", "(hidden, ") for f in change)
+            for change in MLP["shared trunk"]
+        ],
         "features": [
             ("    def features(self, x):\n        return x\n", f"    def features(self, x):\n        return {SYMLOG}\n")
         ],
