@@ -10,7 +10,8 @@
 #   ./benchmark.sh --preset classic -- --num-envs 8    # flags after -- go to every script
 #
 # Each run lives in OUT/PRESET/TASK/SCRIPT/seedN/ (its log, its runs/ folder, a `done` file with its wall time);
-# OUT/PRESET/TASK/SCRIPT/spec names the task, script, env id and steps for the report.
+# OUT/PRESET/TASK/SCRIPT/spec names the task, script, env id and steps for the report, which adds summary.json to
+# each finished run (git keeps spec, done and summary.json: a fresh clone reports those runs and skips them).
 # Finished runs are skipped when the benchmark is run again; a failed run is reported with its log and makes the
 # exit status non-zero once every run has ended.
 set -euo pipefail

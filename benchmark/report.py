@@ -139,9 +139,9 @@ def summarise(runs: list) -> list:
                 "seeds": len(done),
                 "problems": [f"{r['dir'].name} {r['status']} ({r['dir'] / 'log.txt'})" for r in group if r not in done],
                 "mean": float(np.mean(finals)) if finals else float("nan"),
+                "std": float(np.std(finals)) if finals else float("nan"),
                 # Tianshou's metric: the highest point of the curve averaged over seeds
                 "best": float(np.nanmax(mean_curve(done)[1])) if done else float("nan"),
-                "std": float(np.std(finals)) if finals else float("nan"),
                 "eval": f"{np.mean(evals):.2f} ± {np.std(evals):.2f}" if len(evals) == len(done) and done else "-",
                 "sps": float(np.mean([r["sps"] for r in done])) if done else float("nan"),
                 "wall": float(np.mean([r["wall"] for r in done])) if done else float("nan"),
