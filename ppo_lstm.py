@@ -735,10 +735,6 @@ def check_rollout(newlogprob, logprob, newvalue, value, iteration: int, toleranc
         )
 
 
-# The loss statistics of an iteration, in the order the update accumulates them (logged as losses/{key}).
-LOSS_KEYS = ("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac")
-
-
 def check_finite(iteration: int, **arrays) -> None:
     """Stop at a NaN or an infinity, naming where it appeared. It is checked before the iteration's checkpoint is
     written, so the last checkpoint on disk is the last good one."""
@@ -1190,7 +1186,7 @@ def main(args: Args) -> None:
         )
         b_lstm_states = torch.from_numpy(lstm_states).to(device)
 
-        stats, num_updates = torch.zeros(6, device=device), 0
+        stats, num_updates = {}, 0  # each loss statistic, by name, summed over the minibatches
         for epoch in range(args.update_epochs):
             for mb_seqs in torch.randperm(num_sequences, device=device).tensor_split(args.num_minibatches):
                 t0, env = seq_t0[mb_seqs], seq_env[mb_seqs]
@@ -1239,14 +1235,16 @@ def main(args: Args) -> None:
                 loss.backward()
                 nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
                 optimizer.step()
-                stats += torch.stack([pg_loss, v_loss, entropy_loss, old_approx_kl, approx_kl, clipfrac]).detach()
+                minibatch = {"policy_loss": pg_loss, "value_loss": v_loss, "entropy": entropy_loss}
+                minibatch |= {"old_approx_kl": old_approx_kl, "approx_kl": approx_kl, "clipfrac": clipfrac}
+                stats = {key: stats.get(key, 0) + value.detach() for key, value in minibatch.items()}
                 num_updates += 1
 
             if args.target_kl is not None and approx_kl > args.target_kl:
                 break
 
         # Losses are averaged over every minibatch of the iteration, not taken from the last one.
-        losses = dict(zip(LOSS_KEYS, (stats / num_updates).tolist()))
+        losses = {key: (value / num_updates).item() for key, value in stats.items()}
         check_finite(iteration, **losses)
         y_pred, y_true = b_values[b_transition].cpu().numpy(), b_returns[b_transition].cpu().numpy()
         var_y = np.var(y_true)

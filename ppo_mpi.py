@@ -622,10 +622,6 @@ def rollout_policy(agent: Agent, rng: np.random.Generator, device: torch.device,
     return policy or torch_policy(agent, device)
 
 
-# The loss statistics of an iteration, in the order the update accumulates them (logged as losses/{key}).
-LOSS_KEYS = ("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac")
-
-
 def check_finite(iteration: int, **arrays) -> None:
     """Stop at a NaN or an infinity, naming where it appeared. It is checked before the iteration's checkpoint is
     written, so the last checkpoint on disk is the last good one."""
@@ -1225,7 +1221,7 @@ def main(args: Args, comm: MPI.Comm) -> None:
             torch.from_numpy(x.reshape(-1)[transition]).to(device) for x in (logprobs, advantages, returns, values)
         )
 
-        stats, num_updates = torch.zeros(6, device=device), 0
+        stats, num_updates = {}, 0  # each loss statistic, by name, summed over the minibatches
         for epoch in range(args.update_epochs):
             for mb_inds in torch.randperm(len(b_obs), device=device).tensor_split(args.num_minibatches):
                 _, newlogprob, entropy, newvalue = agent.get_action_and_value(b_obs[mb_inds], b_actions[mb_inds])
@@ -1269,7 +1265,9 @@ def main(args: Args, comm: MPI.Comm) -> None:
                 average_gradients(comm, agent.parameters())
                 nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
                 optimizer.step()
-                stats += torch.stack([pg_loss, v_loss, entropy_loss, old_approx_kl, approx_kl, clipfrac]).detach()
+                minibatch = {"policy_loss": pg_loss, "value_loss": v_loss, "entropy": entropy_loss}
+                minibatch |= {"old_approx_kl": old_approx_kl, "approx_kl": approx_kl, "clipfrac": clipfrac}
+                stats = {key: stats.get(key, 0) + value.detach() for key, value in minibatch.items()}
                 num_updates += 1
 
             # Decided on the ranks' mean KL, so that all stop after the same epoch (and make the same Allreduces).
@@ -1277,8 +1275,9 @@ def main(args: Args, comm: MPI.Comm) -> None:
                 break
 
         # Rank 0 gathers every rank's episodes, losses, values and returns of the iteration.
-        rank_stats = [(stats / num_updates).cpu().numpy(), b_values.cpu().numpy(), b_returns.cpu().numpy()]
-        check_finite(iteration, **dict(zip(LOSS_KEYS, rank_stats[0])))
+        rank_losses = {key: (value / num_updates).item() for key, value in stats.items()}
+        check_finite(iteration, **rank_losses)
+        rank_stats = [rank_losses, b_values.cpu().numpy(), b_returns.cpu().numpy()]
         gathered = comm.gather((episodes, *rank_stats), root=0)
         if rank == 0:
             # Each rank's episode ended at its step `step` of the iteration, when all ranks had made step + 1 steps.
@@ -1290,7 +1289,7 @@ def main(args: Args, comm: MPI.Comm) -> None:
                 writer.add_scalar("charts/episodic_return", episode_return, x)
                 writer.add_scalar("charts/episodic_length", episode_length, x)
             # Losses are averaged over every minibatch of the iteration, of every rank; not taken from the last one.
-            losses = dict(zip(LOSS_KEYS, np.mean([rank_stats for _, rank_stats, *_ in gathered], 0)))
+            losses = {key: np.mean([g[1][key] for g in gathered]) for key in rank_losses}
             y_pred, y_true = (np.concatenate([g[i] for g in gathered]) for i in (2, 3))
             var_y = np.var(y_true)
             explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y

@@ -520,10 +520,6 @@ def rollout_policy(agent: Agent, rng: np.random.Generator, device: torch.device,
     return policy or torch_policy(agent, device)
 
 
-# The loss statistics of an iteration, in the order the update accumulates them (logged as losses/{key}).
-LOSS_KEYS = ("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac")
-
-
 def check_finite(iteration: int, **arrays) -> None:
     """Stop at a NaN or an infinity, naming where it appeared. It is checked before the iteration's checkpoint is
     written, so the last checkpoint on disk is the last good one."""
@@ -1133,7 +1129,7 @@ def main(args: Args, comm: MPI.Comm = MPI.COMM_WORLD) -> None:
             torch.from_numpy(x.reshape(-1)[transition]).to(device) for x in (logprobs, advantages, returns, values)
         )
 
-        stats, num_updates = torch.zeros(6, device=device), 0
+        stats, num_updates = {}, 0  # each loss statistic, by name, summed over the minibatches
         for epoch in range(args.update_epochs):
             for mb_inds in torch.randperm(len(b_obs), device=device).tensor_split(args.num_minibatches):
                 _, newlogprob, entropy, newvalue = agent.get_action_and_value(b_obs[mb_inds], b_actions[mb_inds])
@@ -1175,14 +1171,16 @@ def main(args: Args, comm: MPI.Comm = MPI.COMM_WORLD) -> None:
                 loss.backward()
                 nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
                 optimizer.step()
-                stats += torch.stack([pg_loss, v_loss, entropy_loss, old_approx_kl, approx_kl, clipfrac]).detach()
+                minibatch = {"policy_loss": pg_loss, "value_loss": v_loss, "entropy": entropy_loss}
+                minibatch |= {"old_approx_kl": old_approx_kl, "approx_kl": approx_kl, "clipfrac": clipfrac}
+                stats = {key: stats.get(key, 0) + value.detach() for key, value in minibatch.items()}
                 num_updates += 1
 
             if args.target_kl is not None and approx_kl > args.target_kl:
                 break
 
         # Losses are averaged over every minibatch of the iteration, not taken from the last one.
-        losses = dict(zip(LOSS_KEYS, (stats / num_updates).tolist()))
+        losses = {key: (value / num_updates).item() for key, value in stats.items()}
         check_finite(iteration, **losses)
         y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
         var_y = np.var(y_true)

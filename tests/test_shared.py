@@ -32,7 +32,6 @@ SHARED = [
     "check_rollout",
     "torch_policy",
     "rollout_policy",
-    "LOSS_KEYS",
     "check_finite",
     "Progress",
     "compute_gae",
