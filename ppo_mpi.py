@@ -992,6 +992,41 @@ def load_checkpoint(path: str, flag: str, script: str) -> dict:
     return checkpoint
 
 
+def follow_checkpoint(args, checkpoint: dict, keys: tuple) -> None:
+    """The checkpoint's flags among keys are this run's: evaluation takes them, resuming must repeat them (a flag newer
+    than the checkpoint counts as its default)."""
+    for key in keys:
+        value = checkpoint["args"].get(key, getattr(type(args), key))
+        if args.eval_checkpoint:
+            setattr(args, key, value)
+        elif value != getattr(args, key):
+            raise UserError(f"--resume: the checkpoint trained with --{key.replace('_', '-')} {value}; pass that")
+
+
+def open_run(args, hyperparameters: dict) -> str:
+    """Make the run's folder and return it: a new one under runs/, or a resumed run's own (its curves go on there);
+    with --track, the run and its hyperparameters are logged to Weights and Biases as well."""
+    if args.resume:
+        run_dir = os.path.dirname(os.path.abspath(args.resume))
+    else:
+        name = f"{args.env_id.replace(':', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        run_dir = os.path.join("runs", name)
+    os.makedirs(run_dir, exist_ok=True)
+    if args.track:
+        import wandb
+
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            sync_tensorboard=True,
+            config=hyperparameters,
+            name=os.path.basename(run_dir),
+            dir=run_dir,
+            save_code=True,
+        )
+    return run_dir
+
+
 def load_agent(agent: Agent, checkpoint: dict, flag: str) -> None:
     try:
         agent.load_state_dict(checkpoint["model"])
@@ -1036,15 +1071,7 @@ def main(args: Args, comm: MPI.Comm) -> None:
 
     with on_every_rank(comm):
         if checkpoint:
-            # The env and its observations are the checkpoint's: evaluation takes them, resuming must repeat them.
-            for key in ("env_id", "mask_velocity"):
-                value = checkpoint["args"].get(key, False)
-                if args.eval_checkpoint:
-                    setattr(args, key, value)
-                elif value != getattr(args, key):
-                    raise UserError(
-                        f"--resume: the checkpoint trained with --{key.replace('_', '-')} {value}; pass that"
-                    )
+            follow_checkpoint(args, checkpoint, ("env_id", "mask_velocity"))  # the env and its observations
         backend = choose_backend(args.env_id, args.num_envs, args.env_backend)
         atari = is_atari(args.env_id, backend)  # ppo_atari.py's preprocessing, whole-game scores and Nature CNN
         if args.capture_video and args.eval_episodes and not atari and not gymnasium_has(args.env_id):
@@ -1114,25 +1141,7 @@ def main(args: Args, comm: MPI.Comm) -> None:
 
     # Logs, checkpoints, videos and progress are rank 0's.
     if rank == 0:
-        if checkpoint:
-            run_dir = os.path.dirname(os.path.abspath(args.resume))  # the resumed run's curves go on in its folder
-        else:
-            run_dir = os.path.join(
-                "runs", f"{args.env_id.replace(':', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-            )
-        os.makedirs(run_dir, exist_ok=True)
-        if args.track:
-            import wandb
-
-            wandb.init(
-                project=args.wandb_project_name,
-                entity=args.wandb_entity,
-                sync_tensorboard=True,
-                config=asdict(args) | {"num_ranks": num_ranks},
-                name=os.path.basename(run_dir),
-                dir=run_dir,
-                save_code=True,
-            )
+        run_dir = open_run(args, asdict(args) | {"num_ranks": num_ranks})
         writer = SummaryWriter(run_dir)
         hyperparameters = asdict(args) | {"num_ranks": num_ranks}
         writer.add_text(
@@ -1352,6 +1361,8 @@ def main(args: Args, comm: MPI.Comm) -> None:
         writer.add_scalar("eval/episodic_return", np.mean(eval_returns), global_step)
     writer.close()
     if args.track:
+        import wandb
+
         wandb.finish()
 
 

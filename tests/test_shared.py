@@ -38,6 +38,8 @@ SHARED = [
     "EpisodeTracker",
     "save_checkpoint",
     "load_checkpoint",
+    "follow_checkpoint",
+    "open_run",
     "load_agent",
     "save_dataset",
     "load_dataset",
