@@ -74,6 +74,9 @@ CARRACING_LSTM="--env-backend envpool --num-envs 8 --num-steps 512 --seq-len 128
 MUJOCO_RECIPE="--num-envs 8 --num-steps 256 --num-minibatches 32 --update-epochs 10 --learning-rate 3e-4 --ent-coef 0 --vf-coef 0.25 --no-clip-vloss --no-norm-adv --recompute-adv"
 MUJOCO_TUNED="$MUJOCO_RECIPE --log-std-init -0.5"
 MUJOCO_GSDE="$MUJOCO_RECIPE --gsde --sde-sample-freq 4 --log-std-init -2"
+# RL Zoo's tuned HalfCheetah-v3 entry (hyperparams/ppo.yml; its greedy 5,819), but with this script's tanh units and
+# orthogonal initialisation (RL Zoo: ReLU, default initialisation).
+HALFCHEETAH_RLZOO="--num-envs 1 --num-steps 512 --num-minibatches 8 --update-epochs 20 --learning-rate 2.0633e-5 --no-anneal-lr --gamma 0.98 --gae-lambda 0.92 --ent-coef 0.000401762 --clip-coef 0.1 --max-grad-norm 0.8 --vf-coef 0.58096 --no-clip-vloss --log-std-init -2 --hidden-size 256"
 
 # Population-based training against a grid (ppo_pbt.py, 4 ranks): 4 members from learning rates spread over 1e-5..1e-2
 # (one per quarter of the range's decades: 2.4e-5, 1.3e-4, 7.5e-4, 4.2e-3), the other hyperparameters fixed at
@@ -109,7 +112,8 @@ Hopper-v4|ppo_continuous.py|Hopper-v4|1000000|0|$MUJOCO_GSDE|tuned gSDE
 Walker2d-v4|ppo_continuous.py|Walker2d-v4|1000000|0|$MUJOCO_GSDE|tuned gSDE
 Ant-v4|ppo_continuous.py|Ant-v4|1000000|0|$MUJOCO_GSDE|tuned gSDE
 Humanoid-v4|ppo_continuous.py|Humanoid-v4|1000000|0|$MUJOCO_GSDE|tuned gSDE
-Humanoid-v4|ppo_continuous.py|Humanoid-v4|1000000|0|$MUJOCO_TUNED --hidden-size 256|tuned 256" ;;
+Humanoid-v4|ppo_continuous.py|Humanoid-v4|1000000|0|$MUJOCO_TUNED --hidden-size 256|tuned 256
+HalfCheetah-v4|ppo_continuous.py|HalfCheetah-v4|1000000|0|$HALFCHEETAH_RLZOO|RL Zoo" ;;
   atari) specs="
 Pong-v5|ppo_atari.py|Pong-v5|10000000|0|--eval-episodes 0
 Breakout-v5|ppo_atari.py|Breakout-v5|10000000|0|--eval-episodes 0
