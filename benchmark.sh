@@ -69,8 +69,7 @@ CARRACING_LSTM="--env-backend envpool --num-envs 8 --num-steps 512 --seq-len 128
 # (examples/mujoco/mujoco_ppo.py: 8 envs x 256 steps, minibatches of 64, 10 epochs, advantages recomputed before each
 # epoch and not normalised, no value clipping, value coefficient 0.25, no entropy bonus, initial log-std -0.5).
 # `tuned gSDE`: the same recipe exploring by gSDE, noise weights redrawn every 4 steps (RL Zoo's PyBullet entries) from a
-# log-std of -2: over 64 tanh features that starts each action's std near the Gaussian's exp(-0.5). `tuned 256`: the
-# recipe with hidden layers of 256 units, for Humanoid's 376-dimensional observations.
+# log-std of -2: over 64 tanh features that starts each action's std near the Gaussian's exp(-0.5).
 MUJOCO_RECIPE="--num-envs 8 --num-steps 256 --num-minibatches 32 --update-epochs 10 --learning-rate 3e-4 --ent-coef 0 --vf-coef 0.25 --no-clip-vloss --no-norm-adv --recompute-adv"
 MUJOCO_TUNED="$MUJOCO_RECIPE --log-std-init -0.5"
 MUJOCO_GSDE="$MUJOCO_RECIPE --gsde --sde-sample-freq 4 --log-std-init -2"
@@ -112,7 +111,6 @@ Hopper-v4|ppo_continuous.py|Hopper-v4|1000000|0|$MUJOCO_GSDE|tuned gSDE
 Walker2d-v4|ppo_continuous.py|Walker2d-v4|1000000|0|$MUJOCO_GSDE|tuned gSDE
 Ant-v4|ppo_continuous.py|Ant-v4|1000000|0|$MUJOCO_GSDE|tuned gSDE
 Humanoid-v4|ppo_continuous.py|Humanoid-v4|1000000|0|$MUJOCO_GSDE|tuned gSDE
-Humanoid-v4|ppo_continuous.py|Humanoid-v4|1000000|0|$MUJOCO_TUNED --hidden-size 256|tuned 256
 HalfCheetah-v4|ppo_continuous.py|HalfCheetah-v4|1000000|0|$HALFCHEETAH_RLZOO|RL Zoo" ;;
   atari) specs="
 Pong-v5|ppo_atari.py|Pong-v5|10000000|0|--eval-episodes 0
