@@ -73,8 +73,8 @@ CARRACING_LSTM="--env-backend envpool --num-envs 8 --num-steps 512 --seq-len 128
 MUJOCO_RECIPE="--num-envs 8 --num-steps 256 --num-minibatches 32 --update-epochs 10 --learning-rate 3e-4 --ent-coef 0 --vf-coef 0.25 --no-clip-vloss --no-norm-adv --recompute-adv"
 MUJOCO_TUNED="$MUJOCO_RECIPE --log-std-init -0.5"
 MUJOCO_GSDE="$MUJOCO_RECIPE --gsde --sde-sample-freq 4 --log-std-init -2"
-# RL Zoo's tuned HalfCheetah-v3 entry (hyperparams/ppo.yml; its greedy 5,819), but with this script's tanh units and
-# orthogonal initialisation (RL Zoo: ReLU, default initialisation).
+# RL Zoo's tuned HalfCheetah-v3 entry (hyperparams/ppo.yml), with this script's tanh units and orthogonal
+# initialisation (RL Zoo: ReLU, default initialisation).
 HALFCHEETAH_RLZOO="--num-envs 1 --num-steps 512 --num-minibatches 8 --update-epochs 20 --learning-rate 2.0633e-5 --no-anneal-lr --gamma 0.98 --gae-lambda 0.92 --ent-coef 0.000401762 --clip-coef 0.1 --max-grad-norm 0.8 --vf-coef 0.58096 --no-clip-vloss --log-std-init -2 --hidden-size 256"
 
 # Population-based training against a grid (ppo_pbt.py, 4 ranks): 4 members from learning rates spread over 1e-5..1e-2
