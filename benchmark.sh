@@ -74,7 +74,7 @@ MUJOCO_RECIPE="--num-envs 8 --num-steps 256 --num-minibatches 32 --update-epochs
 MUJOCO_TUNED="$MUJOCO_RECIPE --log-std-init -0.5"
 MUJOCO_GSDE="$MUJOCO_RECIPE --gsde --sde-sample-freq 4 --log-std-init -2"
 # RL Zoo's tuned HalfCheetah-v3 entry (hyperparams/ppo.yml), with this script's tanh units and orthogonal
-# initialisation (RL Zoo: ReLU, default initialisation).
+# initialisation (RL Zoo: ReLU, default initialisation); `RL Zoo ReLU`: with its ReLU units.
 HALFCHEETAH_RLZOO="--num-envs 1 --num-steps 512 --num-minibatches 8 --update-epochs 20 --learning-rate 2.0633e-5 --no-anneal-lr --gamma 0.98 --gae-lambda 0.92 --ent-coef 0.000401762 --clip-coef 0.1 --max-grad-norm 0.8 --vf-coef 0.58096 --no-clip-vloss --log-std-init -2 --hidden-size 256"
 
 # Population-based training against a grid (ppo_pbt.py, 4 ranks): 4 members from learning rates spread over 1e-5..1e-2
@@ -111,7 +111,8 @@ Hopper-v4|ppo_continuous.py|Hopper-v4|1000000|0|$MUJOCO_GSDE|tuned gSDE
 Walker2d-v4|ppo_continuous.py|Walker2d-v4|1000000|0|$MUJOCO_GSDE|tuned gSDE
 Ant-v4|ppo_continuous.py|Ant-v4|1000000|0|$MUJOCO_GSDE|tuned gSDE
 Humanoid-v4|ppo_continuous.py|Humanoid-v4|1000000|0|$MUJOCO_GSDE|tuned gSDE
-HalfCheetah-v4|ppo_continuous.py|HalfCheetah-v4|1000000|0|$HALFCHEETAH_RLZOO|RL Zoo" ;;
+HalfCheetah-v4|ppo_continuous.py|HalfCheetah-v4|1000000|0|$HALFCHEETAH_RLZOO|RL Zoo
+HalfCheetah-v4|ppo_continuous.py|HalfCheetah-v4|1000000|0|$HALFCHEETAH_RLZOO --activation relu|RL Zoo ReLU" ;;
   atari) specs="
 Pong-v5|ppo_atari.py|Pong-v5|10000000|0|--eval-episodes 0
 Breakout-v5|ppo_atari.py|Breakout-v5|10000000|0|--eval-episodes 0

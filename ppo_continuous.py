@@ -4,8 +4,8 @@ A copy of ppo.py, the reference script of this project, changed for continuous a
 Gaussian with a state-independent log-std, the sampled action is stored and trained on while the env gets it clipped
 to its bounds, observations are normalised by their running mean and std, and rewards are scaled by the running std of
 the discounted return (both statistics travel in the checkpoint). Options for Box actions: gSDE exploration (--gsde),
-advantages recomputed before every epoch (--recompute-adv), the networks' width (--hidden-size). The defaults are the
-MuJoCo settings of the PPO paper and of CleanRL's ppo_continuous_action.py.
+advantages recomputed before every epoch (--recompute-adv), the networks' width and nonlinearity (--hidden-size,
+--activation). The defaults are the MuJoCo settings of the PPO paper and of CleanRL's ppo_continuous_action.py.
 
 Paper: Schulman et al. 2017, "Proximal Policy Optimization Algorithms", https://arxiv.org/abs/1707.06347
 Details: Huang et al. 2022, "The 37 Implementation Details of Proximal Policy Optimization", ICLR blog track.
@@ -129,6 +129,8 @@ class Args:
     """the initial log-std of the Gaussian policy (with --gsde: of each noise weight)"""
     hidden_size: int = 64
     """the width of the two hidden layers of the actor and of the critic (64: CleanRL's, the PPO paper's)"""
+    activation: Literal["tanh", "relu"] = "tanh"
+    """the hidden layers' nonlinearity (tanh: CleanRL's, the PPO paper's; relu: RL Zoo's tuned MuJoCo entries)"""
     recompute_adv: bool = False
     """if toggled, the advantages and returns are recomputed with the critic as trained so far before every epoch
     after the first (Tianshou's MuJoCo recipe)"""
@@ -317,6 +319,7 @@ class Agent(nn.Module):
         gsde: bool = False,
         log_std_init: float = 0.0,
         hidden: int = 64,
+        activation: str = "tanh",
     ):
         super().__init__()
         if not isinstance(act_space, gym.spaces.Box):
@@ -325,11 +328,12 @@ class Agent(nn.Module):
             raise UserError(f"ppo_continuous.py handles Box actions, not {act_space}{hint}")
         # observations arrive encoded as flat float vectors (ObsPreparer)
         obs_dim, act_dim = encoded_size(obs_space), int(np.prod(act_space.shape))
+        act = {"tanh": nn.Tanh, "relu": nn.ReLU}[activation]
         self.critic = nn.Sequential(
             layer_init(nn.Linear(obs_dim, hidden)),
-            nn.Tanh(),
+            act(),
             layer_init(nn.Linear(hidden, hidden)),
-            nn.Tanh(),
+            act(),
             layer_init(nn.Linear(hidden, 1), std=1.0),
         )
         # The actor gives the Gaussian's mean; its log-std is one learned number per action dimension, independent of
@@ -338,9 +342,9 @@ class Agent(nn.Module):
         # (sample_noise), so its std depends on the state.
         self.actor = nn.Sequential(
             layer_init(nn.Linear(obs_dim, hidden)),
-            nn.Tanh(),
+            act(),
             layer_init(nn.Linear(hidden, hidden)),
-            nn.Tanh(),
+            act(),
             layer_init(nn.Linear(hidden, act_dim), std=0.01),
         )
         self.gsde, rows = gsde, self.actor[-1].in_features if gsde else 1
@@ -848,7 +852,7 @@ def main(args: Args) -> None:
         flag = "--eval-checkpoint" if args.eval_checkpoint else "--resume"
         checkpoint = load_checkpoint(args.eval_checkpoint or args.resume, flag, script)
         # The env, its observations and the network are the checkpoint's.
-        follow_checkpoint(args, checkpoint, ("env_id", "mask_velocity", "gsde", "hidden_size"))
+        follow_checkpoint(args, checkpoint, ("env_id", "mask_velocity", "gsde", "hidden_size", "activation"))
     dataset = load_dataset(args.bc_dataset, script, args) if args.bc_dataset else None
     backend = choose_backend(args.env_id, args.num_envs, args.env_backend)
     if args.capture_video and args.eval_episodes and not gymnasium_has(args.env_id):
@@ -859,7 +863,7 @@ def main(args: Args) -> None:
     # One CPU thread: at a 64x64 MLP's sizes a second thread's synchronisation costs more than it brings.
     torch.set_num_threads(1)
 
-    network = (args.gsde, args.log_std_init, args.hidden_size)  # Agent's arguments
+    network = (args.gsde, args.log_std_init, args.hidden_size, args.activation)  # Agent's arguments
     if args.eval_checkpoint:
         envs = make_envs(args.env_id, 1, args.seed, backend)
         agent = Agent(envs.single_observation_space, envs.single_action_space, *network).to(device)

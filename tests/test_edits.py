@@ -68,7 +68,9 @@ CATALOGUE = {
     # ppo.py's network and loop: the edits that meet what ppo_pbt.py adds (a copy's optimizer state and rates)
     "ppo_pbt.py": {edit: MLP[edit] for edit in ("shared trunk", "adamw", "param groups", "dropout")},
     "ppo_continuous.py": MLP
-    | {  # its width is a flag (--hidden-size): the layers read `hidden`
+    | {  # its width and nonlinearity are flags (--hidden-size, --activation): the layers read `hidden` and `act`
+        "relu": [("act(),", "nn.ReLU(),")],
+        "dropout": [("act(),", "act(), nn.Dropout(0.1),")],
         "layernorm": [tuple(f.replace(", 64)", ", hidden)").replace("(64)", "(hidden)") for f in MLP["layernorm"][0])],
         "wide": [("hidden_size: int = 64", "hidden_size: int = 256")],
         "shared trunk": [

@@ -490,13 +490,13 @@ def test_behaviour_cloning_learns_the_expert_mean(workdir):
     np.testing.assert_array_equal(checkpoint["obs_rms"]["var"].numpy() > 0.5, True)  # the expert's, then updated
 
 
-def test_gsde_run_of_another_width_resamples_its_noise_and_its_checkpoint_evaluates(workdir, monkeypatch):
+def test_gsde_run_of_another_network_resamples_its_noise_and_its_checkpoint_evaluates(workdir, monkeypatch):
     calls = []
     sample_noise = pc.Agent.sample_noise
     monkeypatch.setattr(pc.Agent, "sample_noise", lambda self, n, rng: calls.append(n) or sample_noise(self, n, rng))
     gsde = ["--gsde", "--sde-sample-freq", "16", "--log-std-init", "-1"]
     args = ["--env-id", "Pendulum-v1", "--num-envs", "2", "--num-steps", "64", "--num-minibatches", "2", *gsde]
-    args += ["--hidden-size", "32"]
+    args += ["--hidden-size", "32", "--activation", "relu"]
     result = run_in_process("ppo_continuous.py", *args, "--total-timesteps", "256", "--eval-episodes", "0", cwd=workdir)
     assert result.returncode == 0, result.stderr  # the guard held: a first-minibatch ratio of 1
     # once for the rollout's probe, then at steps 0, 16, 32, 48 of each of the 2 rollouts, for the 2 envs
@@ -512,3 +512,5 @@ def test_gsde_run_of_another_width_resamples_its_noise_and_its_checkpoint_evalua
     assert result.returncode == 2 and "trained with --gsde True" in result.stderr
     result = run_in_process("ppo_continuous.py", *args[:13], "--resume", str(checkpoint), cwd=workdir)
     assert result.returncode == 2 and "trained with --hidden-size 32" in result.stderr
+    result = run_in_process("ppo_continuous.py", *args[:15], "--resume", str(checkpoint), cwd=workdir)
+    assert result.returncode == 2 and "trained with --activation relu" in result.stderr
