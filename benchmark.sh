@@ -73,6 +73,9 @@ CARRACING_LSTM="--env-backend envpool --num-envs 8 --num-steps 512 --seq-len 128
 MUJOCO_RECIPE="--num-envs 8 --num-steps 256 --num-minibatches 32 --update-epochs 10 --learning-rate 3e-4 --ent-coef 0 --vf-coef 0.25 --no-clip-vloss --no-norm-adv --recompute-adv"
 MUJOCO_TUNED="$MUJOCO_RECIPE --log-std-init -0.5"
 MUJOCO_GSDE="$MUJOCO_RECIPE --gsde --sde-sample-freq 4 --log-std-init -2"
+# Humanoid's actions are bounded by +-0.4, the other tasks' by +-1. Tianshou's policy acts in [-1, 1], scaled onto the
+# bounds, so its initial std, exp(-0.5), is exp(-1.4) in Humanoid's units: `tuned log-std -1.4` starts there.
+HUMANOID_TUNED="$MUJOCO_RECIPE --log-std-init -1.4"
 # RL Zoo's tuned HalfCheetah-v3 entry (hyperparams/ppo.yml), with this script's tanh units and orthogonal
 # initialisation (RL Zoo: ReLU, default initialisation); `RL Zoo ReLU`: with its ReLU units.
 HALFCHEETAH_RLZOO="--num-envs 1 --num-steps 512 --num-minibatches 8 --update-epochs 20 --learning-rate 2.0633e-5 --no-anneal-lr --gamma 0.98 --gae-lambda 0.92 --ent-coef 0.000401762 --clip-coef 0.1 --max-grad-norm 0.8 --vf-coef 0.58096 --no-clip-vloss --log-std-init -2 --hidden-size 256"
@@ -111,6 +114,7 @@ Hopper-v4|ppo_continuous.py|Hopper-v4|1000000|0|$MUJOCO_GSDE|tuned gSDE
 Walker2d-v4|ppo_continuous.py|Walker2d-v4|1000000|0|$MUJOCO_GSDE|tuned gSDE
 Ant-v4|ppo_continuous.py|Ant-v4|1000000|0|$MUJOCO_GSDE|tuned gSDE
 Humanoid-v4|ppo_continuous.py|Humanoid-v4|1000000|0|$MUJOCO_GSDE|tuned gSDE
+Humanoid-v4|ppo_continuous.py|Humanoid-v4|1000000|0|$HUMANOID_TUNED|tuned log-std -1.4
 HalfCheetah-v4|ppo_continuous.py|HalfCheetah-v4|1000000|0|$HALFCHEETAH_RLZOO|RL Zoo
 HalfCheetah-v4|ppo_continuous.py|HalfCheetah-v4|1000000|0|$HALFCHEETAH_RLZOO --activation relu|RL Zoo ReLU" ;;
   atari) specs="
