@@ -322,7 +322,7 @@ class Agent(nn.Module):
         gsde: bool = False,
         log_std_init: float = 0.0,
         hidden: int = 64,
-        activation: str = "tanh",
+        activation: Literal["tanh", "relu"] = "tanh",
     ):
         super().__init__()
         if not isinstance(act_space, gym.spaces.Box):
