@@ -1046,7 +1046,7 @@ def parse_args() -> Args:
         if not e.code:  # --help
             raise
         box = [line.strip("│ ") for line in stderr.getvalue().splitlines()[1:]]
-        message = " ".join(itertools.takewhile(lambda line: line and not line.startswith("─"), box))
+        message = " ".join(itertools.takewhile(lambda line: line and not line.startswith("─"), box)).rstrip(".")
         hint = [box[i + 1].split()[0] for i, line in enumerate(box[:-1]) if line == "Perhaps you meant:"]
         raise UserError(message + (f" (did you mean {hint[0]}?)" if hint else "") + "; see --help") from None
     sys.stderr.write(stderr.getvalue())
