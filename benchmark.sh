@@ -76,6 +76,10 @@ MUJOCO_GSDE="$MUJOCO_RECIPE --gsde --sde-sample-freq 4 --log-std-init -2"
 # Humanoid's actions are bounded by +-0.4, the other tasks' by +-1. Tianshou's policy acts in [-1, 1], scaled onto the
 # bounds, so its initial std, exp(-0.5), is exp(-1.4) in Humanoid's units: `tuned log-std -1.4` starts there.
 HUMANOID_TUNED="$MUJOCO_RECIPE --log-std-init -1.4"
+# `SB3 gSDE`: RL Zoo's gSDE entries for the PyBullet tasks (hyperparams/ppo.yml, the settings behind SB3's gSDE table):
+# 16 envs x 512 steps, minibatches of 128, 20 epochs, constant learning rate 3e-5, clip 0.4, lambda 0.9, noise weights
+# redrawn every 4 steps from a log-std of -2, ReLU 256x256 (RL Zoo: default initialisation, here orthogonal).
+MUJOCO_SB3_GSDE="--num-envs 16 --num-steps 512 --num-minibatches 64 --update-epochs 20 --learning-rate 3e-5 --no-anneal-lr --gae-lambda 0.9 --ent-coef 0 --clip-coef 0.4 --vf-coef 0.5 --no-clip-vloss --gsde --sde-sample-freq 4 --log-std-init -2 --activation relu --hidden-size 256"
 # RL Zoo's tuned HalfCheetah-v3 entry (hyperparams/ppo.yml), with this script's tanh units and orthogonal
 # initialisation (RL Zoo: ReLU, default initialisation); `RL Zoo ReLU`: with its ReLU units.
 HALFCHEETAH_RLZOO="--num-envs 1 --num-steps 512 --num-minibatches 8 --update-epochs 20 --learning-rate 2.0633e-5 --no-anneal-lr --gamma 0.98 --gae-lambda 0.92 --ent-coef 0.000401762 --clip-coef 0.1 --max-grad-norm 0.8 --vf-coef 0.58096 --no-clip-vloss --log-std-init -2 --hidden-size 256"
@@ -116,7 +120,11 @@ Ant-v4|ppo_continuous.py|Ant-v4|1000000|0|$MUJOCO_GSDE|tuned gSDE
 Humanoid-v4|ppo_continuous.py|Humanoid-v4|1000000|0|$MUJOCO_GSDE|tuned gSDE
 Humanoid-v4|ppo_continuous.py|Humanoid-v4|1000000|0|$HUMANOID_TUNED|tuned log-std -1.4
 HalfCheetah-v4|ppo_continuous.py|HalfCheetah-v4|1000000|0|$HALFCHEETAH_RLZOO|RL Zoo
-HalfCheetah-v4|ppo_continuous.py|HalfCheetah-v4|1000000|0|$HALFCHEETAH_RLZOO --activation relu|RL Zoo ReLU" ;;
+HalfCheetah-v4|ppo_continuous.py|HalfCheetah-v4|1000000|0|$HALFCHEETAH_RLZOO --activation relu|RL Zoo ReLU
+HalfCheetah-v4|ppo_continuous.py|HalfCheetah-v4|1000000|0|$MUJOCO_TUNED --activation relu|tuned ReLU
+Ant-v4|ppo_continuous.py|Ant-v4|1000000|0|$MUJOCO_TUNED --activation relu|tuned ReLU
+HalfCheetah-v4|ppo_continuous.py|HalfCheetah-v4|1000000|0|$MUJOCO_SB3_GSDE|SB3 gSDE
+Ant-v4|ppo_continuous.py|Ant-v4|1000000|0|$MUJOCO_SB3_GSDE|SB3 gSDE" ;;
   atari) specs="
 Pong-v5|ppo_atari.py|Pong-v5|10000000|0|--eval-episodes 0
 Breakout-v5|ppo_atari.py|Breakout-v5|10000000|0|--eval-episodes 0
