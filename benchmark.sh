@@ -78,8 +78,9 @@ MUJOCO_GSDE="$MUJOCO_RECIPE --gsde --sde-sample-freq 4 --log-std-init -2"
 HUMANOID_TUNED="$MUJOCO_RECIPE --log-std-init -1.4"
 # `SB3 gSDE`: RL Zoo's gSDE entries for the PyBullet tasks (hyperparams/ppo.yml, the settings behind SB3's gSDE table):
 # 16 envs x 512 steps, minibatches of 128, 20 epochs, constant learning rate 3e-5, clip 0.4, lambda 0.9, noise weights
-# redrawn every 4 steps from a log-std of -2, ReLU 256x256 (RL Zoo: default initialisation, here orthogonal).
-MUJOCO_SB3_GSDE="--num-envs 16 --num-steps 512 --num-minibatches 64 --update-epochs 20 --learning-rate 3e-5 --no-anneal-lr --gae-lambda 0.9 --ent-coef 0 --clip-coef 0.4 --vf-coef 0.5 --no-clip-vloss --gsde --sde-sample-freq 4 --log-std-init -2 --activation relu --hidden-size 256"
+# redrawn every 4 steps, ReLU 256x256. RL Zoo starts from a log-std of -2 with torch's default initialisation; this
+# script's orthogonal one makes the latent features ~1.5-2x larger, so -2.5 starts near RL Zoo's action std (~0.35).
+MUJOCO_SB3_GSDE="--num-envs 16 --num-steps 512 --num-minibatches 64 --update-epochs 20 --learning-rate 3e-5 --no-anneal-lr --gae-lambda 0.9 --ent-coef 0 --clip-coef 0.4 --vf-coef 0.5 --no-clip-vloss --gsde --sde-sample-freq 4 --log-std-init -2.5 --activation relu --hidden-size 256"
 # RL Zoo's tuned HalfCheetah-v3 entry (hyperparams/ppo.yml), with this script's tanh units and orthogonal
 # initialisation (RL Zoo: ReLU, default initialisation); `RL Zoo ReLU`: with its ReLU units.
 HALFCHEETAH_RLZOO="--num-envs 1 --num-steps 512 --num-minibatches 8 --update-epochs 20 --learning-rate 2.0633e-5 --no-anneal-lr --gamma 0.98 --gae-lambda 0.92 --ent-coef 0.000401762 --clip-coef 0.1 --max-grad-norm 0.8 --vf-coef 0.58096 --no-clip-vloss --log-std-init -2 --hidden-size 256"
