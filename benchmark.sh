@@ -73,15 +73,15 @@ CARRACING_LSTM="--env-backend envpool --num-envs 8 --num-steps 512 --seq-len 128
 MUJOCO_RECIPE="--num-envs 8 --num-steps 256 --num-minibatches 32 --update-epochs 10 --learning-rate 3e-4 --ent-coef 0 --vf-coef 0.25 --no-clip-vloss --no-norm-adv --recompute-adv"
 MUJOCO_TUNED="$MUJOCO_RECIPE --log-std-init -0.5"
 MUJOCO_GSDE="$MUJOCO_RECIPE --gsde --sde-sample-freq 4 --log-std-init -2"
-# Tianshou's scripts decay the lr to 0 over 3M steps (100 epochs x 30,000) and report the first 1M, where the lr is
-# still ~2/3 of 3e-4: `tuned constant lr` keeps 3e-4 throughout (the tuned recipe anneals to 0 at 1M).
+# `tuned ReLU` and `tuned constant lr` (rows below) change one flag of the tuned recipe: ReLU units, or no annealing,
+# since Tianshou's scripts decay the lr to 0 over 3M steps (100 epochs x 30,000) yet report the first 1M.
 # Humanoid's actions are bounded by +-0.4, the other tasks' by +-1. Tianshou's policy acts in [-1, 1], scaled onto the
 # bounds, so its initial std, exp(-0.5), is exp(-1.4) in Humanoid's units: `tuned log-std -1.4` starts there.
 HUMANOID_TUNED="$MUJOCO_RECIPE --log-std-init -1.4"
 # `SB3 gSDE`: RL Zoo's gSDE entries for the PyBullet tasks (hyperparams/ppo.yml, the settings behind SB3's gSDE table):
 # 16 envs x 512 steps, minibatches of 128, 20 epochs, constant learning rate 3e-5, clip 0.4, lambda 0.9, noise weights
 # redrawn every 4 steps, ReLU 256x256. RL Zoo starts from a log-std of -2 with torch's default initialisation; this
-# script's orthogonal one makes the latent features ~1.5-2x larger, so -2.5 starts near RL Zoo's action std (~0.35).
+# script's orthogonal one makes the latent features larger, so -2.5 starts near RL Zoo's initial action std (README).
 MUJOCO_SB3_GSDE="--num-envs 16 --num-steps 512 --num-minibatches 64 --update-epochs 20 --learning-rate 3e-5 --no-anneal-lr --gae-lambda 0.9 --ent-coef 0 --clip-coef 0.4 --vf-coef 0.5 --no-clip-vloss --gsde --sde-sample-freq 4 --log-std-init -2.5 --activation relu --hidden-size 256"
 # RL Zoo's tuned HalfCheetah-v3 entry (hyperparams/ppo.yml), with this script's tanh units and orthogonal
 # initialisation (RL Zoo: ReLU, default initialisation); `RL Zoo ReLU`: with its ReLU units.
