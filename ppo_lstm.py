@@ -204,8 +204,10 @@ def validate_args(args: Args) -> None:
         raise UserError(
             f"--mask-velocity: no velocity entries known for {args.env_id}; it takes {', '.join(VELOCITY_ENTRIES)}"
         )
-    if args.sde_sample_freq < 0 or not abs(args.log_std_init) < np.inf:
-        raise UserError("--sde-sample-freq must be 0 (each rollout's start) or more, --log-std-init a finite number")
+    if args.sde_sample_freq < 0:
+        raise UserError(f"--sde-sample-freq must be 0 (each rollout's start) or more, not {args.sde_sample_freq}")
+    if not abs(args.log_std_init) < np.inf:
+        raise UserError(f"--log-std-init {args.log_std_init} must be a finite number")
 
 
 def gymnasium_has(env_id: str) -> bool:

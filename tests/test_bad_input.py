@@ -26,6 +26,7 @@ CASES = [
     ("ppo.py", ["--save-dataset", "expert.npz"], "--save-dataset records the evaluation episodes of --eval-checkpoint"),
     ("ppo_continuous.py", ["--bc-learning-rate", "nan"], "--bc-learning-rate nan must be a positive number"),
     ("ppo_continuous.py", ["--sde-sample-freq", "-1"], "--sde-sample-freq must be 0 (each rollout's start) or more"),
+    ("ppo_continuous.py", ["--log-std-init", "nan"], "--log-std-init nan must be a finite number"),
     ("ppo_continuous.py", ["--num-minibatches", "3"], "--num-minibatches 3 does not divide the batch of 2048"),
     ("ppo_continuous.py", ["--total-timesteps", "100"], "less than one batch"),
     ("ppo_continuous.py", ["--env-id", "CartPole-v1"], "use ppo.py"),
@@ -40,6 +41,7 @@ CASES = [
     ("ppo_lstm.py", ["--seq-len", "100"], "--seq-len 100 does not divide --num-steps 128"),
     ("ppo_lstm.py", ["--lstm-hidden-size", "0"], "--lstm-hidden-size 0 must be positive"),
     ("ppo_lstm.py", ["--sde-sample-freq", "-1"], "--sde-sample-freq must be 0 (each rollout's start) or more"),
+    ("ppo_lstm.py", ["--log-std-init", "nan"], "--log-std-init nan must be a finite number"),
     ("ppo_lstm.py", ["--gsde"], "--gsde explores Box actions; CartPole-v1 has Discrete(2)"),
     ("ppo_lstm.py", ["--total-timesteps", "100"], "less than one batch"),
     (
