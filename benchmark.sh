@@ -48,22 +48,19 @@ mpiexec=$(dirname "$python")/mpiexec
 [[ -x $mpiexec ]] || mpiexec=mpiexec
 
 # RL Zoo's tuned recurrent PPO settings for its velocity-masked tasks (hyperparams/ppo_lstm.yml: CartPoleNoVel-v1,
-# PendulumNoVel-v1, LunarLanderNoVel-v2, MountainCarContinuousNoVel-v0), given to the recurrent script and, for
-# comparison, to the feed-forward one. ppo_lstm.py adds its own flags to each (LSTM size, sequence length, and
-# observation and reward normalisation: see README, ppo_lstm.py).
-CARTPOLE_NOVEL="--mask-velocity --num-envs 8 --num-steps 32 --num-minibatches 1 --update-epochs 20 --learning-rate 1e-3 --gamma 0.98 --gae-lambda 0.8 --ent-coef 0"
-PENDULUM_NOVEL="--mask-velocity --num-envs 4 --num-steps 1024 --num-minibatches 64 --update-epochs 10 --learning-rate 1e-3 --gamma 0.9 --gae-lambda 0.95 --ent-coef 0"
-LUNARLANDER_NOVEL="--mask-velocity --num-envs 16 --num-steps 1024 --num-minibatches 256 --update-epochs 4 --gamma 0.999 --gae-lambda 0.98 --ent-coef 0.01"
-# Pendulum and MountainCarContinuous explore by gSDE, as RL Zoo's entries. MountainCarContinuous: RL Zoo's settings with 8 envs x 32 steps (for speed; RL Zoo: 1 env x 8) and gSDE's noise
-# weights drawn once per rollout from a log-std of 0 (RL Zoo: -3.29, which left this script's LSTM without a success).
-MOUNTAINCAR_NOVEL="--mask-velocity --num-envs 8 --num-steps 32 --num-minibatches 1 --update-epochs 10 --learning-rate 7.77e-5 --gamma 0.9999 --gae-lambda 0.9 --ent-coef 0.00429 --clip-coef 0.1 --max-grad-norm 5 --vf-coef 0.19 --no-anneal-lr"
-CARTPOLE_LSTM="$CARTPOLE_NOVEL --lstm-hidden-size 64 --norm-obs --norm-reward"
-PENDULUM_LSTM="$PENDULUM_NOVEL --seq-len 64 --norm-obs --norm-reward --gsde --sde-sample-freq 4"
-LUNARLANDER_LSTM="$LUNARLANDER_NOVEL --seq-len 64 --norm-obs --norm-reward"
-MOUNTAINCAR_LSTM="$MOUNTAINCAR_NOVEL --gsde --norm-obs --norm-reward"
-# CarRacing (pixels, Box actions): RL Zoo's settings, but 4 epochs instead of 20, at 100k steps instead of 4M (what
-# 2 cores allow: see README), envpool's env (faster than gymnasium's at 8 envs).
-CARRACING_LSTM="--env-backend envpool --num-envs 8 --num-steps 512 --seq-len 128 --num-minibatches 32 --update-epochs 4 --learning-rate 3e-5 --gamma 0.99 --gae-lambda 0.9 --ent-coef 0 --clip-coef 0.4 --gsde --sde-sample-freq 4 --log-std-init -2 --eval-episodes 3"
+# PendulumNoVel-v1, LunarLanderNoVel-v2, MountainCarContinuousNoVel-v0; the envs in benchmark/pomdp.py), given to the
+# recurrent script and, for comparison, to a feed-forward one. ppo_lstm.py's defaults are CartPoleNoVel's settings;
+# Pendulum and LunarLander replay sequences of 64 steps (--seq-len). RL Zoo explores Pendulum and MountainCarContinuous
+# by gSDE and normalises Pendulum's observations and rewards: ppo_lstm.py does neither (see its report).
+CARTPOLE_NOVEL="--num-envs 8 --num-steps 32 --num-minibatches 1 --update-epochs 20 --learning-rate 1e-3 --gamma 0.98 --gae-lambda 0.8 --ent-coef 0"
+PENDULUM_NOVEL="--num-envs 4 --num-steps 1024 --num-minibatches 64 --update-epochs 10 --learning-rate 1e-3 --gamma 0.9 --gae-lambda 0.95 --ent-coef 0"
+LUNARLANDER_NOVEL="--num-envs 16 --num-steps 1024 --num-minibatches 256 --update-epochs 4 --gamma 0.999 --gae-lambda 0.98 --ent-coef 0.01"
+# MountainCarContinuous: RL Zoo's settings with 8 envs x 32 steps (for speed; RL Zoo: 1 env x 8).
+MOUNTAINCAR_NOVEL="--num-envs 8 --num-steps 32 --num-minibatches 1 --update-epochs 10 --learning-rate 7.77e-5 --gamma 0.9999 --gae-lambda 0.9 --ent-coef 0.00429 --clip-coef 0.1 --max-grad-norm 5 --vf-coef 0.19 --no-anneal-lr"
+CARTPOLE_LSTM=""
+PENDULUM_LSTM="$PENDULUM_NOVEL --seq-len 64"
+LUNARLANDER_LSTM="$LUNARLANDER_NOVEL --seq-len 64"
+MOUNTAINCAR_LSTM="$MOUNTAINCAR_NOVEL"
 
 # MuJoCo: the rows without a variant run CleanRL's settings (the script's defaults); `tuned` runs Tianshou's PPO recipe
 # (examples/mujoco/mujoco_ppo.py: 8 envs x 256 steps, minibatches of 64, 10 epochs, advantages recomputed before each
@@ -99,8 +96,8 @@ case $preset in
 CartPole-v1|ppo.py|CartPole-v1|500000|0|
 Acrobot-v1|ppo.py|Acrobot-v1|500000|0|
 HalfCheetah-v4|ppo_continuous.py|HalfCheetah-v4|300000|0|
-CartPole-v1 velocity masked|ppo_lstm.py|CartPole-v1|100000|0|$CARTPOLE_LSTM
-CartPole-v1 velocity masked|ppo.py|CartPole-v1|100000|0|$CARTPOLE_NOVEL" ;;
+CartPole-v1 velocity masked|ppo_lstm.py|benchmark.pomdp:CartPoleNoVel-v1|100000|0|$CARTPOLE_LSTM
+CartPole-v1 velocity masked|ppo.py|benchmark.pomdp:CartPoleNoVel-v1|100000|0|$CARTPOLE_NOVEL" ;;
   classic) specs="
 CartPole-v1|ppo.py|CartPole-v1|500000|0|
 Acrobot-v1|ppo.py|Acrobot-v1|500000|0|
@@ -134,20 +131,19 @@ Pong-v5|ppo_atari.py|Pong-v5|10000000|0|--eval-episodes 0
 Breakout-v5|ppo_atari.py|Breakout-v5|10000000|0|--eval-episodes 0
 BeamRider-v5|ppo_atari.py|BeamRider-v5|10000000|0|--eval-episodes 0" ;;
   recurrent) specs="
-CartPole-v1 velocity masked|ppo_lstm.py|CartPole-v1|100000|0|$CARTPOLE_LSTM
-CartPole-v1 velocity masked|ppo.py|CartPole-v1|100000|0|$CARTPOLE_NOVEL
-Pendulum-v1 velocity masked|ppo_lstm.py|Pendulum-v1|100000|0|$PENDULUM_LSTM
-Pendulum-v1 velocity masked|ppo_continuous.py|Pendulum-v1|100000|0|$PENDULUM_NOVEL
-LunarLander-v3 velocity masked|ppo_lstm.py|LunarLander-v3|1000000|0|$LUNARLANDER_LSTM
-LunarLander-v3 velocity masked|ppo.py|LunarLander-v3|1000000|0|$LUNARLANDER_NOVEL
-MountainCarContinuous-v0 velocity masked|ppo_lstm.py|MountainCarContinuous-v0|300000|0|$MOUNTAINCAR_LSTM
-MountainCarContinuous-v0 velocity masked|ppo_continuous.py|MountainCarContinuous-v0|300000|0|$MOUNTAINCAR_NOVEL
-CarRacing-v3|ppo_lstm.py|CarRacing-v3|100000|0|$CARRACING_LSTM" ;;
+CartPole-v1 velocity masked|ppo_lstm.py|benchmark.pomdp:CartPoleNoVel-v1|100000|0|$CARTPOLE_LSTM
+CartPole-v1 velocity masked|ppo.py|benchmark.pomdp:CartPoleNoVel-v1|100000|0|$CARTPOLE_NOVEL
+Pendulum-v1 velocity masked|ppo_lstm.py|benchmark.pomdp:PendulumNoVel-v1|100000|0|$PENDULUM_LSTM
+Pendulum-v1 velocity masked|ppo_continuous.py|benchmark.pomdp:PendulumNoVel-v1|100000|0|$PENDULUM_NOVEL
+LunarLander-v3 velocity masked|ppo_lstm.py|benchmark.pomdp:LunarLanderNoVel-v3|1000000|0|$LUNARLANDER_LSTM
+LunarLander-v3 velocity masked|ppo.py|benchmark.pomdp:LunarLanderNoVel-v3|1000000|0|$LUNARLANDER_NOVEL
+MountainCarContinuous-v0 velocity masked|ppo_lstm.py|benchmark.pomdp:MountainCarContinuousNoVel-v0|300000|0|$MOUNTAINCAR_LSTM
+MountainCarContinuous-v0 velocity masked|ppo_continuous.py|benchmark.pomdp:MountainCarContinuousNoVel-v0|300000|0|$MOUNTAINCAR_NOVEL" ;;
   masking) specs="
-Taxi-v4|ppo.py|Taxi-v4|500000|0|
-Taxi-v4|ppo.py|Taxi-v4|500000|0|--no-action-mask|--no-action-mask
-ConnectFour-v0|ppo.py|benchmark.masked_tasks:ConnectFour-v0|500000|0|
-ConnectFour-v0|ppo.py|benchmark.masked_tasks:ConnectFour-v0|500000|0|--no-action-mask|--no-action-mask" ;;
+Taxi-v4|ppo_masked.py|Taxi-v4|500000|0|
+Taxi-v4|ppo_masked.py|Taxi-v4|500000|0|--no-action-mask|--no-action-mask
+ConnectFour-v0|ppo_masked.py|benchmark.masked_tasks:ConnectFour-v0|500000|0|
+ConnectFour-v0|ppo_masked.py|benchmark.masked_tasks:ConnectFour-v0|500000|0|--no-action-mask|--no-action-mask" ;;
   mpi) specs="
 CartPole-v1|ppo_mpi.py|CartPole-v1|500000|1|
 CartPole-v1|ppo_mpi.py|CartPole-v1|500000|2|

@@ -1,6 +1,6 @@
-"""A researcher's first edits, applied to a copy of each script: each copy trains (ppo.py's copies learn CartPole) or
-stops at once with one line. Never a traceback, never a run whose rollout samples another policy than the one
-trained, never a run in which the optimizer moves nothing."""
+"""A researcher's first edits, applied to a copy of each script not yet rebuilt on the new ppo.py (its edits are in
+test_ppo.py): each copy trains or stops at once with one line. Never a traceback, never a run whose rollout samples
+another policy than the one trained, never a run in which the optimizer moves nothing."""
 
 import importlib.util
 import sys
@@ -63,10 +63,7 @@ MLP = {
     "dropout": DROPOUT,
 }
 CATALOGUE = {
-    "ppo.py": MLP,
     "ppo_mpi.py": MLP,
-    # ppo.py's network and loop: the edits that meet what ppo_pbt.py adds (a copy's optimizer state and rates)
-    "ppo_pbt.py": {edit: MLP[edit] for edit in ("shared trunk", "adamw", "param groups", "dropout")},
     "ppo_continuous.py": MLP
     | {  # its width and nonlinearity are flags (--hidden-size, --activation): the layers read `hidden` and `act`
         "relu": [("act(),", "nn.ReLU(),")],
@@ -103,37 +100,15 @@ CATALOGUE = {
         ],
         "zero_grad": ZERO_GRAD,
     },
-    "ppo_lstm.py": {
-        "relu": RELU,
-        "layernorm": [
-            (
-                "layer_init(nn.Linear(encoded_size(space), 64)),",
-                "layer_init(nn.Linear(encoded_size(space), 64)), nn.LayerNorm(64),",
-            )
-        ],
-        "wide": [(", 64)", ", 256)"), ("(64, ", "(256, "), ("self.out_dim = 64", "self.out_dim = 256")],
-        "features": [("        return self.net(x)\n", f"        return self.net({SYMLOG})\n")],
-        "adamw": ADAMW,
-        "param groups": GROUPS,
-        "zero_grad": ZERO_GRAD,
-        "dropout": DROPOUT,
-    },
 }
 # A few iterations of each script, on its smallest task; update_epochs 2 so that approx_kl measures the first epoch's
 # steps (it is exactly 0 where the optimizer moved nothing).
 SHORT = dict(num_steps=32, num_minibatches=2, update_epochs=2, eval_episodes=0)
 RUNS = {
-    "ppo.py": dict(SHORT, total_timesteps=512),
     "ppo_mpi.py": dict(SHORT, total_timesteps=512),
-    "ppo_pbt.py": dict(SHORT, total_timesteps=512, update_epochs=(2, 2)),  # its hyperparameters are ranges
     "ppo_continuous.py": dict(SHORT, env_id="Pendulum-v1", total_timesteps=256),
     "ppo_atari.py": dict(SHORT, num_envs=2, num_steps=16, total_timesteps=128),
-    "ppo_lstm.py": dict(SHORT, total_timesteps=512),
 }
-# ppo.py's copies learn CartPole. Calibration, mean return of the last 20 episodes at 40k steps, seeds 1-5: relu 53,
-# 59, 89, 56, 45 (the slowest edit); layernorm 311-387; wide 188-298; shared trunk 153-291; features 144-175; adamw,
-# param groups, zero_grad 150-253; zero-init branch 84-216. An untrained policy scores ~22.
-LEARNING_STEPS, LEARNING_THRESHOLD = 40_000, 40
 CASES = [(script, edit) for script, edits in CATALOGUE.items() for edit in edits]
 
 
@@ -174,20 +149,8 @@ def test_edited_copy_trains_or_stops_with_one_line(script, edit, tmp_path, monke
         return
     assert edit != "dropout", "a rollout with a random layer trained on: the guard did not stop it"
     (run_dir,) = (tmp_path / "runs").iterdir()
-    scalars = read_scalars(run_dir / "member0" if script == "ppo_pbt.py" else run_dir)  # a population's first member
+    scalars = read_scalars(run_dir)
     approx_kl = [value for _, value in scalars["losses/approx_kl"]]
     assert all(np.isfinite(approx_kl)) and min(approx_kl) > 0, f"the optimizer moved nothing: approx_kl {approx_kl}"
     notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
     assert len(notes) <= 2  # at most the device's and the rollout's one-line notices
-
-
-@pytest.mark.parametrize("edit", list(MLP))
-def test_edited_ppo_py_learns(edit, tmp_path, monkeypatch):
-    if edit == "dropout":
-        pytest.skip("stops at its first update (test above)")
-    monkeypatch.chdir(tmp_path)
-    module = edited_copy("ppo.py", edit, tmp_path)
-    module.main(module.Args(total_timesteps=LEARNING_STEPS, seed=1, eval_episodes=0))
-    (run_dir,) = (tmp_path / "runs").iterdir()
-    returns = [r for _, r in read_scalars(run_dir)["charts/episodic_return"]]
-    assert np.mean(returns[-20:]) >= LEARNING_THRESHOLD, np.mean(returns[-20:])

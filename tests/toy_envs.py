@@ -149,6 +149,18 @@ class NaNObsToy(MatchEnv):
         return np.full(5, np.nan, np.float32) if self.steps >= 40 else super()._obs()
 
 
+class NaNDiscreteToy(MatchEnv):
+    """Discrete actions; the observation turns NaN from its 200th step on (resets included): a broken env."""
+
+    def target_sizes(self):
+        self.action_space, self.steps = gym.spaces.Discrete(3), 0
+        return np.array([3])
+
+    def _obs(self):
+        self.steps += 1
+        return np.full(1, np.nan, np.float32) if self.steps >= 200 else super()._obs()
+
+
 class MaskedToy(MatchEnv):
     """MultiDiscrete [4, 3] actions under a random action mask per step (info["action_mask"], flat over the components,
     at least one action allowed in each); the target is always allowed. A masked action counts in `violations` (of
@@ -198,7 +210,7 @@ class StrictMaskedToy(MaskedToy):
 
 
 toys = (MultiDiscreteToy, MultiBinaryToy, OffsetDiscreteToy, MixedObsToy, MixedObsBoxToy, TextObsToy, BoxActionToy)
-for _cls in (*toys, NaNObsToy, MaskedToy, MaskedDictToy, StrictMaskedToy):
+for _cls in (*toys, NaNObsToy, NaNDiscreteToy, MaskedToy, MaskedDictToy, StrictMaskedToy):
     gym.register(id=f"{_cls.__name__}-v0", entry_point=f"{__name__}:{_cls.__name__}", max_episode_steps=16)
 
 
