@@ -18,7 +18,7 @@ set -euo pipefail
 
 usage() {
   sed -n '2,/^set /{/^#/s/^# \{0,1\}//p}' "$0"
-  echo "Options: --preset quick|classic|mujoco|atari|recurrent|masking|mpi|pbt  --seeds N (3)  --workers N (1)"
+  echo "Options: --preset quick|classic|mujoco|atari|recurrent|masking|bc|mpi|pbt  --seeds N (3)  --workers N (1)"
   echo "         --tasks REGEX (all)  --only REGEX (all)  --out DIR (benchmark/results)  --python PATH (.venv/bin/python)  --dry-run  -- FLAGS"
 }
 
@@ -89,6 +89,10 @@ HALFCHEETAH_RLZOO="--num-envs 1 --num-steps 512 --num-minibatches 8 --update-epo
 # ppo.py's values; the grid is the same population without evolution (--evolve-interval 0), the same steps in all.
 PBT_LEARNING_RATES="--learning-rate 1e-5 1e-2 --ent-coef 0.01 0.01 --clip-coef 0.2 0.2 --gae-lambda 0.95 0.95 --update-epochs 4 4"
 
+# Behaviour cloning (ppo_bc.py) clones the greedy episodes of the classic preset's CartPole expert, beside PPO from
+# scratch for the same steps.
+CARTPOLE_EXPERT=$(ls "$out"/classic/CartPole-v1/ppo.py/seed1/runs/*/checkpoint.pt 2>/dev/null | head -n 1)
+
 # One run spec per line: task | script | env id | total steps | MPI ranks (0: no mpiexec) | flags | variant (a label
 # that tells apart two runs of one script on one task, e.g. with and without a flag)
 case $preset in
@@ -133,6 +137,7 @@ BeamRider-v5|ppo_atari.py|BeamRider-v5|10000000|0|--eval-episodes 0" ;;
   recurrent) specs="
 CartPole-v1 velocity masked|ppo_lstm.py|benchmark.pomdp:CartPoleNoVel-v1|100000|0|$CARTPOLE_LSTM
 CartPole-v1 velocity masked|ppo.py|benchmark.pomdp:CartPoleNoVel-v1|100000|0|$CARTPOLE_NOVEL
+CartPole-v1 velocity masked 200k|ppo_lstm.py|benchmark.pomdp:CartPoleNoVel-v1|200000|0|
 Pendulum-v1 velocity masked|ppo_lstm.py|benchmark.pomdp:PendulumNoVel-v1|100000|0|$PENDULUM_LSTM
 Pendulum-v1 velocity masked|ppo_continuous.py|benchmark.pomdp:PendulumNoVel-v1|100000|0|$PENDULUM_NOVEL
 LunarLander-v3 velocity masked|ppo_lstm.py|benchmark.pomdp:LunarLanderNoVel-v3|1000000|0|$LUNARLANDER_LSTM
@@ -143,7 +148,10 @@ MountainCarContinuous-v0 velocity masked|ppo_continuous.py|benchmark.pomdp:Mount
 Taxi-v4|ppo_masked.py|Taxi-v4|500000|0|
 Taxi-v4|ppo_masked.py|Taxi-v4|500000|0|--no-action-mask|--no-action-mask
 ConnectFour-v0|ppo_masked.py|benchmark.masked_tasks:ConnectFour-v0|500000|0|
-ConnectFour-v0|ppo_masked.py|benchmark.masked_tasks:ConnectFour-v0|500000|0|--no-action-mask|--no-action-mask" ;;
+ConnectFour-v0|ppo_masked.py|benchmark.masked_tasks:ConnectFour-v0|500000|0|--no-action-mask|--no-action-mask
+MaskedCueRecall-v0|ppo_lstm_masked.py|benchmark.masked_tasks:MaskedCueRecall-v0|50000|0|
+MaskedCueRecall-v0|ppo_lstm_masked.py|benchmark.masked_tasks:MaskedCueRecall-v0|50000|0|--no-action-mask|--no-action-mask
+MaskedCueRecall-v0|ppo_masked.py|benchmark.masked_tasks:MaskedCueRecall-v0|50000|0|" ;;
   mpi) specs="
 CartPole-v1|ppo_mpi.py|CartPole-v1|500000|1|
 CartPole-v1|ppo_mpi.py|CartPole-v1|500000|2|
@@ -157,8 +165,12 @@ Acrobot-v1 learning rates 1e-5..1e-2|ppo_pbt.py|Acrobot-v1|200000|4|$PBT_LEARNIN
 Acrobot-v1 learning rates 1e-5..1e-2|ppo_pbt.py|Acrobot-v1|200000|4|$PBT_LEARNING_RATES --evolve-interval 0|grid
 CartPole-v1 learning rates 1e-5..1e-2|ppo_pbt.py|CartPole-v1|50000|4|$PBT_LEARNING_RATES|PBT
 CartPole-v1 learning rates 1e-5..1e-2|ppo_pbt.py|CartPole-v1|50000|4|$PBT_LEARNING_RATES --evolve-interval 0|grid" ;;
-  "") echo "error: --preset is required (quick, classic, mujoco, atari, recurrent, masking, mpi or pbt)" >&2; exit 2 ;;
-  *) echo "error: --preset $preset is unknown; pick quick, classic, mujoco, atari, recurrent, masking, mpi or pbt" >&2; exit 2 ;;
+  bc) [[ -n $CARTPOLE_EXPERT ]] || { echo "error: --preset bc clones the classic preset's CartPole-v1 expert (ppo.py, seed 1): run ./benchmark.sh --preset classic --tasks CartPole first" >&2; exit 2; }
+    specs="
+CartPole-v1|ppo_bc.py|CartPole-v1|50000|0|--expert $CARTPOLE_EXPERT
+CartPole-v1|ppo.py|CartPole-v1|50000|0|" ;;
+  "") echo "error: --preset is required (quick, classic, mujoco, atari, recurrent, masking, bc, mpi or pbt)" >&2; exit 2 ;;
+  *) echo "error: --preset $preset is unknown; pick quick, classic, mujoco, atari, recurrent, masking, bc, mpi or pbt" >&2; exit 2 ;;
 esac
 
 # run_one DIR CMD...: run CMD in DIR unless DIR holds a finished run; the wall time goes to DIR/done.

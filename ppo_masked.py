@@ -2,7 +2,7 @@
 
 An env may forbid actions at a step and say which in info["action_mask"] (gymnasium's Taxi) or in a Dict observation
 {"observation", "action_mask"} (PettingZoo's convention). A masked action gets probability 0 in the rollout and, from
-the stored masks, in the update: Huang and Ontañón 2022, "A Closer Look at Invalid Action Masking in Policy Gradient
+the stored masks, in the update: Huang and Ontañón 2020, "A Closer Look at Invalid Action Masking in Policy Gradient
 Algorithms", https://arxiv.org/abs/2006.14171. An action is one categorical per component (a MultiDiscrete entry,
 a MultiBinary bit); its mask is flat over the components, as SB3's MaskablePPO takes it.
 
