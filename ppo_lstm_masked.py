@@ -62,8 +62,8 @@ class Args:
     """the number of parallel environments"""
     num_steps: int = 32
     """the number of steps to run in each environment per policy rollout"""
-    seq_len: int = 32
-    """the length of the sequences the update replays through the LSTM (it divides --num-steps)"""
+    seq_len: int | None = None
+    """the length of the sequences the update replays through the LSTM, dividing --num-steps (None: whole rollouts)"""
     lstm_hidden_size: int = 64
     """the number of the LSTM's units"""
     anneal_lr: bool = True
@@ -290,6 +290,7 @@ def load_checkpoint(path: str, flag: str, script: str = os.path.basename(__file_
 
 
 def main(args: Args) -> None:
+    args.seq_len = args.seq_len or args.num_steps
     if message := check_args(args):
         fail(message)
     checkpoint, flag = None, "--eval-checkpoint" if args.eval_checkpoint else "--resume"
