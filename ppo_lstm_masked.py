@@ -369,8 +369,8 @@ def main(args: Args) -> None:
     resets = np.zeros((args.num_steps, args.num_envs), dtype=bool)
     starts = np.zeros((args.num_steps, args.num_envs), dtype=bool)  # the episodes' first observations
     # the LSTM state (h, c) where each sequence the update replays starts: [2, layers, sequences per env, envs, units]
-    num_seqs = args.num_steps // args.seq_len
-    seq_states = torch.zeros((2, 1, num_seqs, args.num_envs, args.lstm_hidden_size)).to(device)
+    seqs_per_env = args.num_steps // args.seq_len
+    seq_states = torch.zeros((2, 1, seqs_per_env, args.num_envs, args.lstm_hidden_size)).to(device)
 
     next_obs, info = envs.reset(seed=seed)
     next_obs = torch.as_tensor(next_obs, dtype=torch.float32, device=device)
@@ -428,12 +428,12 @@ def main(args: Args) -> None:
         # sequence i, and sequence i = c * num_envs + e is env e's c-th of the rollout.
         def sequences(x):
             x = torch.as_tensor(x, device=device)
-            return x.view(num_seqs, args.seq_len, *x.shape[1:]).transpose(0, 1).flatten(0, 2)
+            return x.view(seqs_per_env, args.seq_len, *x.shape[1:]).transpose(0, 1).flatten(0, 2)
 
         b_obs, b_actions, b_logprobs, b_values = (sequences(x) for x in (obs, actions, logprobs, values))
         b_masks = sequences(masks)
         b_advantages, b_returns, b_starts, b_keep = (sequences(x) for x in (advantages, returns, starts, ~resets))
-        b_states, num_sequences = seq_states.flatten(2, 3), num_seqs * args.num_envs  # [2, layers, sequences, units]
+        b_states, num_sequences = seq_states.flatten(2, 3), seqs_per_env * args.num_envs  # [2, layers, sequences, units]
 
         # Optimizing the policy and value network
         stats = torch.zeros(6, device=device)  # the losses below, summed over the minibatches
