@@ -369,7 +369,7 @@ def main(args: Args) -> None:
     resets = np.zeros((args.num_steps, args.num_envs), dtype=bool)
     starts = np.zeros((args.num_steps, args.num_envs), dtype=bool)  # the episodes' first observations
     # the LSTM state (h, c) where each sequence the update replays starts: [2, layers, sequences per env, envs, units]
-    seqs_per_env = args.num_steps // args.seq_len
+    seqs_per_env, num_sequences = args.num_steps // args.seq_len, args.num_steps // args.seq_len * args.num_envs
     seq_states = torch.zeros((2, 1, seqs_per_env, args.num_envs, args.lstm_hidden_size)).to(device)
 
     next_obs, info = envs.reset(seed=seed)
@@ -433,7 +433,7 @@ def main(args: Args) -> None:
         b_obs, b_actions, b_logprobs, b_values = (sequences(x) for x in (obs, actions, logprobs, values))
         b_masks = sequences(masks)
         b_advantages, b_returns, b_starts, b_keep = (sequences(x) for x in (advantages, returns, starts, ~resets))
-        b_states, num_sequences = seq_states.flatten(2, 3), seqs_per_env * args.num_envs  # [2, layers, sequences, units]
+        b_states = seq_states.flatten(2, 3)  # [2, layers, sequences, units]
 
         # Optimizing the policy and value network
         stats = torch.zeros(6, device=device)  # the losses below, summed over the minibatches
