@@ -163,11 +163,16 @@ class Agent(nn.Module):
                 nn.init.constant_(param, 0)
             elif "weight" in name:
                 nn.init.orthogonal_(param, 1.0)
-        self.critic = layer_init(nn.Linear(lstm_hidden_size, 1), std=1.0)
+        # heads of one hidden layer each over the LSTM's output, as RL Zoo's recurrent policies (net_arch 64)
+        self.critic = nn.Sequential(
+            layer_init(nn.Linear(lstm_hidden_size, 64)), nn.Tanh(), layer_init(nn.Linear(64, 1), std=1.0)
+        )
         space = envs.single_action_space
         self.continuous = isinstance(space, gym.spaces.Box)
         action_dim = int(np.prod(space.shape)) if self.continuous else space.n
-        self.actor = layer_init(nn.Linear(lstm_hidden_size, action_dim), std=0.01)
+        self.actor = nn.Sequential(
+            layer_init(nn.Linear(lstm_hidden_size, 64)), nn.Tanh(), layer_init(nn.Linear(64, action_dim), std=0.01)
+        )
         if self.continuous:
             self.actor_logstd = nn.Parameter(torch.zeros(1, action_dim))
 

@@ -201,9 +201,14 @@ class Agent(nn.Module):
                 nn.init.constant_(param, 0)
             elif "weight" in name:
                 nn.init.orthogonal_(param, 1.0)
-        self.critic = layer_init(nn.Linear(lstm_hidden_size, 1), std=1.0)
+        # heads of one hidden layer each over the LSTM's output, as RL Zoo's recurrent policies (net_arch 64)
+        self.critic = nn.Sequential(
+            layer_init(nn.Linear(lstm_hidden_size, 64)), nn.Tanh(), layer_init(nn.Linear(64, 1), std=1.0)
+        )
         self.nvec = action_nvec(envs.single_action_space)
-        self.actor = layer_init(nn.Linear(lstm_hidden_size, sum(self.nvec)), std=0.01)
+        self.actor = nn.Sequential(
+            layer_init(nn.Linear(lstm_hidden_size, 64)), nn.Tanh(), layer_init(nn.Linear(64, sum(self.nvec)), std=0.01)
+        )
 
     def get_states(self, x, lstm_state, starts):
         """The LSTM over x, [steps * envs, ...] in step-major order, from lstm_state; an env's state restarts at 0
