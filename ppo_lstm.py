@@ -284,8 +284,7 @@ def main(args: Args) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    # One thread: at a 64x64 MLP's size a second one costs more in synchronisation than it brings.
-    torch.set_num_threads(1)
+    # torch's own number of threads, one a core: the LSTM's products gain from a second one, unlike ppo.py's MLP's
     # Distributions skip checking their arguments, a dozen small ops a call (a NaN stops the run all the same, below).
     torch.distributions.Distribution.set_default_validate_args(False)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")

@@ -112,7 +112,8 @@ def test_an_error_stops_every_rank(workdir):
 
 
 # Calibration: a population of 2 (default ranges), 50k steps each, evolving every 5 iterations, seeds 1-6: the fittest
-# member's final fitness (mean return of its episodes since the last evolution) CALIBRATION; an untrained policy ~22.
+# member's final fitness (mean return of its episodes since the last evolution) 372, 442, 500, 374, 500, 463; the
+# threshold sits far below the worst seed and far above an untrained policy (~22).
 LEARNING_STEPS, LEARNING_THRESHOLD = 50_000, 120
 
 
