@@ -91,7 +91,7 @@ PBT_LEARNING_RATES="--learning-rate 1e-5 1e-2 --ent-coef 0.01 0.01 --clip-coef 0
 
 # Behaviour cloning (ppo_bc.py) clones the greedy episodes of the classic preset's CartPole expert, beside PPO from
 # scratch for the same steps.
-CARTPOLE_EXPERT=$(ls "$out"/classic/CartPole-v1/ppo.py/seed1/runs/*/checkpoint.pt 2>/dev/null | head -n 1)
+CARTPOLE_EXPERT=$(ls "$out"/classic/CartPole-v1/ppo.py/seed1/runs/*/checkpoint.pt 2>/dev/null | head -n 1 || true)
 
 # One run spec per line: task | script | env id | total steps | MPI ranks (0: no mpiexec) | flags | variant (a label
 # that tells apart two runs of one script on one task, e.g. with and without a flag)
