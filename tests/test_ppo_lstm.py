@@ -71,8 +71,8 @@ def test_bad_sequence_lengths_are_one_line(workdir):
 
 
 # Calibration, CueRecallToy (tests/toy_envs.py: recall a cue shown 6 steps before), 20k steps, mean return of the last
-# 100 episodes, seeds 1-5: 1.00, 1.00, 1.00, -0.12, 1.00 (greedy 1.00 but seed 4's 0.40). A policy without memory is right half
-# the time: expected return 0.
+# 100 episodes, seeds 1-5: 1.00, 1.00, 1.00, -0.12, 1.00 (greedy 1.00 but seed 4's 0.40). A policy without memory
+# is right half the time: expected return 0.
 def test_learns_to_remember_a_cue(workdir):
     args = ["--env-id", "tests.toy_envs:CueRecallToy-v0", "--total-timesteps", "20000", "--eval-episodes", "20"]
     result = run_in_process("ppo_lstm.py", *args, cwd=workdir)
