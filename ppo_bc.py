@@ -254,9 +254,9 @@ def main(args: Args) -> None:
             args.env_id = checkpoint["args"]["env_id"]
         elif checkpoint["args"]["env_id"] != args.env_id:
             fail(f"--resume: the checkpoint trained on {checkpoint['args']['env_id']}; pass --env-id with it")
-    expert = load_checkpoint(args.expert, "--expert", "ppo.py") if args.expert and not checkpoint else None
-    if expert and expert["args"]["env_id"] != args.env_id:
-        fail(f"--expert {args.expert} plays {expert['args']['env_id']}; pass --env-id {expert['args']['env_id']}")
+    expert_checkpoint = load_checkpoint(args.expert, "--expert", "ppo.py") if args.expert and not checkpoint else None
+    if expert_checkpoint and (env_id := expert_checkpoint["args"]["env_id"]) != args.env_id:
+        fail(f"--expert {args.expert} plays {env_id}; pass --env-id {env_id}")
     batch_size = args.num_envs * args.num_steps
     num_iterations = args.total_timesteps // batch_size
     global_step = checkpoint["global_step"] if args.resume else 0
@@ -286,10 +286,10 @@ def main(args: Args) -> None:
             agent.load_state_dict(checkpoint["model"])
         except RuntimeError:
             fail(f"{flag}: the checkpoint's network does not fit this Agent on {args.env_id}")
-    if expert:
-        expert, weights = Agent(envs).to(device), expert["model"]
+    if expert_checkpoint:
+        expert = Agent(envs).to(device)
         try:
-            expert.load_state_dict(weights)
+            expert.load_state_dict(expert_checkpoint["model"])
         except RuntimeError:
             fail(f"--expert {args.expert}: its network does not fit this Agent on {args.env_id}")
     if args.eval_checkpoint:
@@ -318,7 +318,7 @@ def main(args: Args) -> None:
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
 
     # Behaviour cloning, in a new run: the expert's greedy steps, then the actor learns their actions
-    if expert:
+    if expert_checkpoint:
         steps = []
         evaluate(expert, args.env_id, args.expert_episodes, seed, steps=steps)
         expert_obs, expert_actions = (torch.cat(x) for x in zip(*steps))
@@ -333,10 +333,11 @@ def main(args: Args) -> None:
                 bc_optimizer.step()
                 losses.append(loss.item())
             with torch.no_grad():
-                accuracy = (greedy_action(agent, expert_obs, envs.single_action_space.n) == expert_actions).float()
+                greedy = greedy_action(agent, expert_obs, envs.single_action_space.n)
+            accuracy = (greedy == expert_actions).float().mean().item()
             writer.add_scalar("bc/loss", np.mean(losses), epoch)
-            writer.add_scalar("bc/accuracy", accuracy.mean().item(), epoch)
-        print(f"behaviour cloning: {len(expert_obs):,} expert steps, accuracy {accuracy.mean().item():.3f}")
+            writer.add_scalar("bc/accuracy", accuracy, epoch)
+        print(f"behaviour cloning: {len(expert_obs):,} expert steps, accuracy {accuracy:.3f}")
         if args.eval_episodes:
             writer.add_scalar("bc/greedy_return", np.mean(evaluate(agent, args.env_id, args.eval_episodes, seed)), 0)
 
