@@ -65,24 +65,20 @@ MOUNTAINCAR_LSTM="$MOUNTAINCAR_NOVEL"
 # MuJoCo: the rows without a variant run CleanRL's settings (the script's defaults); `tuned` runs Tianshou's PPO recipe
 # (examples/mujoco/mujoco_ppo.py: 8 envs x 256 steps, minibatches of 64, 10 epochs, advantages recomputed before each
 # epoch and not normalised, no value clipping, value coefficient 0.25, no entropy bonus, initial log-std -0.5).
-# `tuned gSDE`: the same recipe exploring by gSDE, noise weights redrawn every 4 steps (RL Zoo's PyBullet entries) from a
-# log-std of -2: over 64 tanh features that starts each action's std near the Gaussian's exp(-0.5).
+# ppo_gsde.py's `tuned` rows: the same recipe exploring by gSDE with that script's defaults, noise weights redrawn every
+# 4 steps (RL Zoo's PyBullet entries) from a log-std of -2: over 64 tanh features that starts each action's std near
+# the Gaussian's exp(-0.5).
 MUJOCO_RECIPE="--num-envs 8 --num-steps 256 --num-minibatches 32 --update-epochs 10 --learning-rate 3e-4 --ent-coef 0 --vf-coef 0.25 --no-clip-vloss --no-norm-adv --recompute-adv"
 MUJOCO_TUNED="$MUJOCO_RECIPE --log-std-init -0.5"
-MUJOCO_GSDE="$MUJOCO_RECIPE --gsde --sde-sample-freq 4 --log-std-init -2"
-# `tuned ReLU` and `tuned constant lr` (rows below) change one flag of the tuned recipe: ReLU units, or no annealing,
-# since Tianshou's scripts decay the lr to 0 over 3M steps (100 epochs x 30,000) yet report the first 1M.
+# `tuned ReLU` changes one flag of the tuned recipe: ReLU units.
 # Humanoid's actions are bounded by +-0.4, the other tasks' by +-1. Tianshou's policy acts in [-1, 1], scaled onto the
 # bounds, so its initial std, exp(-0.5), is exp(-1.4) in Humanoid's units: `tuned log-std -1.4` starts there.
 HUMANOID_TUNED="$MUJOCO_RECIPE --log-std-init -1.4"
 # `SB3 gSDE`: RL Zoo's gSDE entries for the PyBullet tasks (hyperparams/ppo.yml, the settings behind SB3's gSDE table):
 # 16 envs x 512 steps, minibatches of 128, 20 epochs, constant learning rate 3e-5, clip 0.4, lambda 0.9, noise weights
-# redrawn every 4 steps, ReLU 256x256. RL Zoo starts from a log-std of -2 with torch's default initialisation; this
-# script's orthogonal one makes the latent features larger, so -2.5 starts near RL Zoo's initial action std (README).
-MUJOCO_SB3_GSDE="--num-envs 16 --num-steps 512 --num-minibatches 64 --update-epochs 20 --learning-rate 3e-5 --no-anneal-lr --gae-lambda 0.9 --ent-coef 0 --clip-coef 0.4 --vf-coef 0.5 --no-clip-vloss --gsde --sde-sample-freq 4 --log-std-init -2.5 --activation relu --hidden-size 256"
-# RL Zoo's tuned HalfCheetah-v3 entry (hyperparams/ppo.yml), with this script's tanh units and orthogonal
-# initialisation (RL Zoo: ReLU, default initialisation); `RL Zoo ReLU`: with its ReLU units.
-HALFCHEETAH_RLZOO="--num-envs 1 --num-steps 512 --num-minibatches 8 --update-epochs 20 --learning-rate 2.0633e-5 --no-anneal-lr --gamma 0.98 --gae-lambda 0.92 --ent-coef 0.000401762 --clip-coef 0.1 --max-grad-norm 0.8 --vf-coef 0.58096 --no-clip-vloss --log-std-init -2 --hidden-size 256"
+# redrawn every 4 steps, ReLU 256x256. RL Zoo starts from a log-std of -2 with torch's default initialisation; the
+# scripts' orthogonal one makes the latent features larger, so -2.5 starts near RL Zoo's initial action std.
+MUJOCO_SB3_GSDE="--num-envs 16 --num-steps 512 --num-minibatches 64 --update-epochs 20 --learning-rate 3e-5 --no-anneal-lr --gae-lambda 0.9 --ent-coef 0 --clip-coef 0.4 --vf-coef 0.5 --no-clip-vloss --sde-sample-freq 4 --log-std-init -2.5 --activation relu --hidden-size 256"
 
 # Population-based training against a grid (ppo_pbt.py, 4 ranks): 4 members from learning rates spread over 1e-5..1e-2
 # (one per quarter of the range's decades: 2.4e-5, 1.3e-4, 7.5e-4, 4.2e-3), the other hyperparameters fixed at
@@ -112,24 +108,15 @@ Hopper-v4|ppo_continuous.py|Hopper-v4|1000000|0|
 Walker2d-v4|ppo_continuous.py|Walker2d-v4|1000000|0|
 Ant-v4|ppo_continuous.py|Ant-v4|1000000|0|
 Humanoid-v4|ppo_continuous.py|Humanoid-v4|1000000|0|
-HalfCheetah-v4|ppo_continuous.py|HalfCheetah-v4|1000000|0|$MUJOCO_TUNED|tuned
+HalfCheetah-v4|ppo_continuous.py|HalfCheetah-v4|1000000|0|$MUJOCO_TUNED --activation relu|tuned ReLU
 Hopper-v4|ppo_continuous.py|Hopper-v4|1000000|0|$MUJOCO_TUNED|tuned
 Walker2d-v4|ppo_continuous.py|Walker2d-v4|1000000|0|$MUJOCO_TUNED|tuned
 Ant-v4|ppo_continuous.py|Ant-v4|1000000|0|$MUJOCO_TUNED|tuned
-Humanoid-v4|ppo_continuous.py|Humanoid-v4|1000000|0|$MUJOCO_TUNED|tuned
-HalfCheetah-v4|ppo_continuous.py|HalfCheetah-v4|1000000|0|$MUJOCO_GSDE|tuned gSDE
-Hopper-v4|ppo_continuous.py|Hopper-v4|1000000|0|$MUJOCO_GSDE|tuned gSDE
-Walker2d-v4|ppo_continuous.py|Walker2d-v4|1000000|0|$MUJOCO_GSDE|tuned gSDE
-Ant-v4|ppo_continuous.py|Ant-v4|1000000|0|$MUJOCO_GSDE|tuned gSDE
-Humanoid-v4|ppo_continuous.py|Humanoid-v4|1000000|0|$MUJOCO_GSDE|tuned gSDE
 Humanoid-v4|ppo_continuous.py|Humanoid-v4|1000000|0|$HUMANOID_TUNED|tuned log-std -1.4
-HalfCheetah-v4|ppo_continuous.py|HalfCheetah-v4|1000000|0|$HALFCHEETAH_RLZOO|RL Zoo
-HalfCheetah-v4|ppo_continuous.py|HalfCheetah-v4|1000000|0|$HALFCHEETAH_RLZOO --activation relu|RL Zoo ReLU
-HalfCheetah-v4|ppo_continuous.py|HalfCheetah-v4|1000000|0|$MUJOCO_TUNED --activation relu|tuned ReLU
-Ant-v4|ppo_continuous.py|Ant-v4|1000000|0|$MUJOCO_TUNED --activation relu|tuned ReLU
-Ant-v4|ppo_continuous.py|Ant-v4|1000000|0|$MUJOCO_TUNED --no-anneal-lr|tuned constant lr
-HalfCheetah-v4|ppo_continuous.py|HalfCheetah-v4|1000000|0|$MUJOCO_SB3_GSDE|SB3 gSDE
-Ant-v4|ppo_continuous.py|Ant-v4|1000000|0|$MUJOCO_SB3_GSDE|SB3 gSDE" ;;
+HalfCheetah-v4|ppo_gsde.py|HalfCheetah-v4|1000000|0|$MUJOCO_RECIPE|tuned
+Hopper-v4|ppo_gsde.py|Hopper-v4|1000000|0|$MUJOCO_RECIPE|tuned
+Walker2d-v4|ppo_gsde.py|Walker2d-v4|1000000|0|$MUJOCO_RECIPE|tuned
+HalfCheetah-v4|ppo_gsde.py|HalfCheetah-v4|1000000|0|$MUJOCO_SB3_GSDE|SB3 gSDE" ;;
   atari) specs="
 Pong-v5|ppo_atari.py|Pong-v5|10000000|0|--eval-episodes 0
 Breakout-v5|ppo_atari.py|Breakout-v5|10000000|0|--eval-episodes 0
