@@ -496,9 +496,8 @@ def main(args: Args) -> None:
         writer.add_scalar("charts/SPS", sps, global_step)
         progress.update(global_step - progress.n)
 
-        if comm.rank == 0 and (
-            args.save_interval and iteration % args.save_interval == 0 or iteration == num_iterations
-        ):
+        due = args.save_interval and iteration % args.save_interval == 0 or iteration == num_iterations
+        if due and comm.rank == 0:
             save_checkpoint(checkpoint_path, {"script": os.path.basename(__file__), "args": asdict(args),
                                               "global_step": global_step, "model": agent.state_dict(),
                                               "optimizer": optimizer.state_dict()})  # fmt: skip

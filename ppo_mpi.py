@@ -366,7 +366,7 @@ def main(args: Args) -> None:
             evaluate(agent, args.env_id, args.eval_episodes, seed, obs_rms, video_folder)
         return
     agent.load_state_dict(comm.bcast(agent.state_dict()))  # rank 0's initial parameters on every rank
-    statistics = [(rms, (rms.count, rms.mean.copy(), rms.var.copy())) for rms in (obs_rms, return_rms)]
+    priors = [(rms, (rms.count, rms.mean.copy(), rms.var.copy())) for rms in (obs_rms, return_rms)]
 
     # Fused Adam: one kernel for all parameters instead of a loop over them
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
@@ -435,7 +435,7 @@ def main(args: Args) -> None:
         advantages, returns = compute_gae(
             rewards, values.cpu().numpy(), terminations, truncations, resets, next_value, args.gamma, args.gae_lambda
         )
-        statistics = [(rms, merge_statistics(comm, rms, prior)) for rms, prior in statistics]
+        priors = [(rms, merge_statistics(comm, rms, prior)) for rms, prior in priors]
 
         # flatten the batch, without the reset steps of next-step autoreset (no transitions)
         keep = torch.from_numpy(~resets.flatten()).to(device)
@@ -529,9 +529,8 @@ def main(args: Args) -> None:
         writer.add_scalar("charts/SPS", sps, global_step)
         progress.update(global_step - progress.n)
 
-        if comm.rank == 0 and (
-            args.save_interval and iteration % args.save_interval == 0 or iteration == num_iterations
-        ):
+        due = args.save_interval and iteration % args.save_interval == 0 or iteration == num_iterations
+        if due and comm.rank == 0:
             statistics = {key: {name: torch.as_tensor(value, dtype=torch.float64) for name, value in vars(rms).items()}
                           for key, rms in (("obs_rms", obs_rms), ("return_rms", return_rms))}  # fmt: skip
             save_checkpoint(checkpoint_path, {"script": os.path.basename(__file__), "args": asdict(args),

@@ -39,13 +39,7 @@ def run_in_process(script, *args: str, cwd: Path, timeout: float | None = None) 
         os.chdir(cwd)
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             try:
-                if hasattr(module, "parse_args"):  # a script not yet rebuilt on the new ppo.py
-                    module.main(module.parse_args())
-                else:
-                    module.main(tyro.cli(module.Args, args=list(args)))
-            except getattr(module, "UserError", ()) as e:
-                print(f"error: {e}", file=sys.stderr)
-                returncode = 2
+                module.main(tyro.cli(module.Args, args=list(args)))
             except SystemExit as e:  # fail(): one `error:` line, then exit
                 returncode = e.code
     finally:  # what a script sets for its process, put back for the next test
@@ -93,3 +87,17 @@ def read_scalars(run_dir: Path) -> dict:
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     return tmp_path
+
+
+MPIEXEC = Path(sys.executable).parent / "mpiexec"  # MPICH's, installed with mpi4py into the venv (requirements.txt)
+
+
+def mpirun(num_ranks: int, *args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run `mpiexec -n NUM_RANKS python ARGS` in cwd, wandb offline. The fork launcher starts every rank on this
+    machine (never ssh); an outer MPI job's variables are dropped so that this mpiexec starts a job of its own."""
+    if not MPIEXEC.exists():
+        pytest.fail(f"no {MPIEXEC}: install requirements.txt (mpi4py and mpich) into this Python's venv")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "HYDRA_", "HYDI_"))}
+    env |= {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    command = [str(MPIEXEC), "-launcher", "fork", "-n", str(num_ranks), sys.executable, *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -10,8 +10,7 @@ import pytest
 import torch
 
 import ppo_pbt as pb
-from tests.conftest import REPO, only_run_dir, read_scalars, run_in_process
-from tests.test_ppo_mpi import mpirun
+from tests.conftest import REPO, mpirun, only_run_dir, read_scalars, run_in_process
 
 FLOATS = ("learning_rate", "ent_coef", "clip_coef", "gae_lambda")
 
@@ -105,7 +104,7 @@ def test_an_error_stops_every_rank(workdir):
     assert result.returncode == 2 and result.stderr.count("error: --truncation 2.0") == 1, result.stderr
     # rank 1's envs raise after 300 steps, during training: rank 0 would wait for it at the next evolution for ever
     result = mpirun(
-        2, str(REPO / "ppo_pbt.py"), "--env-id", "tests.ppo_mpi_ranks:CrashOnRank1-v0", "--total-timesteps", "100000",
+        2, str(REPO / "ppo_pbt.py"), "--env-id", "tests.mpi_ranks:CrashOnRank1-v0", "--total-timesteps", "100000",
         cwd=workdir, timeout=60,
     )  # fmt: skip
     assert result.returncode != 0 and "CrashOnRank1: the env broke on rank 1" in result.stderr, result.stderr
