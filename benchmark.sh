@@ -118,6 +118,7 @@ Hopper-v4|ppo_gsde.py|Hopper-v4|1000000|0|$MUJOCO_RECIPE|tuned
 Walker2d-v4|ppo_gsde.py|Walker2d-v4|1000000|0|$MUJOCO_RECIPE|tuned
 HalfCheetah-v4|ppo_gsde.py|HalfCheetah-v4|1000000|0|$MUJOCO_SB3_GSDE|SB3 gSDE" ;;
   atari) specs="
+Breakout-v5 1M|ppo_atari.py|Breakout-v5|1000000|0|--eval-episodes 10
 Pong-v5|ppo_atari.py|Pong-v5|10000000|0|--eval-episodes 0
 Breakout-v5|ppo_atari.py|Breakout-v5|10000000|0|--eval-episodes 0
 BeamRider-v5|ppo_atari.py|BeamRider-v5|10000000|0|--eval-episodes 0" ;;
@@ -140,13 +141,9 @@ MaskedCueRecall-v0|ppo_lstm_masked.py|benchmark.masked_tasks:MaskedCueRecall-v0|
 MaskedCueRecall-v0|ppo_lstm_masked.py|benchmark.masked_tasks:MaskedCueRecall-v0|50000|0|--no-action-mask|--no-action-mask
 MaskedCueRecall-v0|ppo_masked.py|benchmark.masked_tasks:MaskedCueRecall-v0|50000|0|" ;;
   mpi) specs="
-CartPole-v1|ppo_mpi.py|CartPole-v1|500000|1|
-CartPole-v1|ppo_mpi.py|CartPole-v1|500000|2|
-CartPole-v1|ppo.py|CartPole-v1|500000|0|
-CartPole-v1 same batch|ppo_mpi.py|CartPole-v1|500000|2|--num-envs 2
-CartPole-v1 same batch|ppo.py|CartPole-v1|500000|0|
-Breakout-v5|ppo_mpi.py|Breakout-v5|1000000|2|--clip-coef 0.1 --eval-episodes 0
-Breakout-v5|ppo_atari.py|Breakout-v5|1000000|0|--eval-episodes 0" ;;
+HalfCheetah-v4 tuned ReLU, global batch 8x256|ppo_mpi.py|HalfCheetah-v4|1000000|1|$MUJOCO_TUNED --activation relu
+HalfCheetah-v4 tuned ReLU, global batch 8x256|ppo_mpi.py|HalfCheetah-v4|1000000|2|$MUJOCO_TUNED --activation relu --num-envs 4
+Breakout-v5 1M, global batch 8x128|ppo_atari_mpi.py|Breakout-v5|1000000|2|--num-envs 4 --eval-episodes 10" ;;
   pbt) specs="
 Acrobot-v1 learning rates 1e-5..1e-2|ppo_pbt.py|Acrobot-v1|200000|4|$PBT_LEARNING_RATES|PBT
 Acrobot-v1 learning rates 1e-5..1e-2|ppo_pbt.py|Acrobot-v1|200000|4|$PBT_LEARNING_RATES --evolve-interval 0|grid
