@@ -40,12 +40,13 @@ def test_tasks_and_only_select_matching_runs(tmp_path):
     result = bench("--preset", "mujoco", "--tasks", "Hopper|Walker", "--seeds", "1", "--dry-run", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     env_ids = [line.split("--env-id ")[1].split()[0] for line in result.stdout.splitlines()]
-    assert env_ids == ["Hopper-v4", "Walker2d-v4"] * 3  # CleanRL's settings, the tuned ones, tuned with gSDE
-    result = bench("--preset", "mujoco", "--only", "Hopper.*tuned$", "--seeds", "2", "--dry-run", cwd=tmp_path)
+    assert env_ids == ["Hopper-v4", "Walker2d-v4"] * 3  # CleanRL's settings, the tuned ones, gSDE tuned
+    result = bench("--preset", "mujoco", "--only", "Hopper.*gsde.py tuned$", "--seeds", "2", "--dry-run", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert len(lines) == 2 and all("--env-id Hopper-v4" in line and "--recompute-adv" in line for line in lines)
-    assert not any("--gsde" in line for line in lines)
+    assert len(lines) == 2 and all(
+        "ppo_gsde.py --env-id Hopper-v4" in line and "--recompute-adv" in line for line in lines
+    )
 
 
 def test_bad_options(tmp_path):
