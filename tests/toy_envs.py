@@ -96,59 +96,6 @@ class MixedObsToy(gym.Env):
         return float(action == self.target)
 
 
-class MixedObsBoxToy(MixedObsToy):
-    """MixedObsToy with a Box action: reward minus its distance from the Discrete entry (counted from 0)."""
-
-    action_space = gym.spaces.Box(-1.0, 3.0, (1,), np.float32)
-
-    def reward(self, action):
-        return -abs(float(np.asarray(action).reshape(-1)[0]) - self.target)
-
-
-class TextObsToy(MixedObsBoxToy):
-    """An observation space no script takes."""
-
-    observation_space = gym.spaces.Text(5)
-
-    def _obs(self):
-        self.target = 0
-        return self.observation_space.sample()
-
-
-class BoxActionToy(gym.Env):
-    """Continuous actions in a 2-D layout with unequal bounds, 2-D observations. Reward: minus the distance of the
-    action from a target, which the observation gives."""
-
-    observation_space = gym.spaces.Box(-1.0, 1.0, (2, 2), np.float32)
-    action_space = gym.spaces.Box(np.array([[-1, 0], [2, -5]], np.float32), np.array([[1, 0.5], [3, 5]], np.float32))
-
-    def _obs(self):
-        self.target = self.np_random.uniform(self.action_space.low, self.action_space.high).astype(np.float32)
-        scale = (self.action_space.high - self.action_space.low) / 2
-        return ((self.target - self.action_space.low) / scale - 1).astype(np.float32)
-
-    def reset(self, *, seed=None, options=None):
-        super().reset(seed=seed)
-        return self._obs(), {}
-
-    def step(self, action):
-        assert self.action_space.contains(np.asarray(action, dtype=self.action_space.dtype)), action
-        reward = -float(np.abs(np.asarray(action) - self.target).sum())
-        return self._obs(), reward, False, False, {}
-
-
-class NaNObsToy(MatchEnv):
-    """MultiBinaryToy whose observation turns NaN from its 40th step on: a broken env, which training must name."""
-
-    def target_sizes(self):
-        self.action_space, self.steps = gym.spaces.MultiBinary(5), 0
-        return np.full(5, 2)
-
-    def _obs(self):
-        self.steps += 1
-        return np.full(5, np.nan, np.float32) if self.steps >= 40 else super()._obs()
-
-
 class NaNDiscreteToy(MatchEnv):
     """Discrete actions; the observation turns NaN from its 200th step on (resets included): a broken env."""
 
@@ -209,8 +156,8 @@ class StrictMaskedToy(MaskedToy):
     strict = True
 
 
-toys = (MultiDiscreteToy, MultiBinaryToy, OffsetDiscreteToy, MixedObsToy, MixedObsBoxToy, TextObsToy, BoxActionToy)
-for _cls in (*toys, NaNObsToy, NaNDiscreteToy, MaskedToy, MaskedDictToy, StrictMaskedToy):
+toys = (MultiDiscreteToy, MultiBinaryToy, OffsetDiscreteToy, MixedObsToy, NaNDiscreteToy)
+for _cls in (*toys, MaskedToy, MaskedDictToy, StrictMaskedToy):
     gym.register(id=f"{_cls.__name__}-v0", entry_point=f"{__name__}:{_cls.__name__}", max_episode_steps=16)
 
 
@@ -240,22 +187,6 @@ class ImageObsToy(gym.Env):
         return self._obs(), reward, False, False, {}
 
 
-class DictImageToy(ImageObsToy):
-    """ImageObsToy's image in a Dict, beside a vector and a Discrete entry."""
-
-    observation_space = gym.spaces.Dict(
-        {
-            "image": ImageObsToy.observation_space,
-            "position": gym.spaces.Box(-1, 1, (2,)),
-            "mode": gym.spaces.Discrete(3),
-        }
-    )
-
-    def _obs(self):
-        position = self.np_random.uniform(-1, 1, 2).astype(np.float32)
-        return {"image": super()._obs(), "position": position, "mode": int(self.np_random.integers(3))}
-
-
 class CueRecallToy(gym.Env):
     """A task that needs memory. The first observation shows a cue (one of two), the next DELAY observations are
     blank, the last asks for the cue: the action then earns +1 if it names the cue, -1 if not (0 on every other step)
@@ -280,5 +211,5 @@ class CueRecallToy(gym.Env):
         return np.zeros(3, np.float32), 1.0 if action == self.cue else -1.0, True, False, {}
 
 
-for _cls in (ImageObsToy, DictImageToy, CueRecallToy):
+for _cls in (ImageObsToy, CueRecallToy):
     gym.register(id=f"{_cls.__name__}-v0", entry_point=f"{__name__}:{_cls.__name__}", max_episode_steps=16)
