@@ -302,7 +302,7 @@ def main(args: Args) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    # torch's own threads, one a core: the convolutions use them all (one thread: 0.6x the steps/s)
+    # torch's own threads, one a core: the convolutions use them all
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     if envpool.registration.registry.specs.get(args.env_id, [None])[0] != "envpool.atari":

@@ -164,7 +164,7 @@ class Normalize(gym.vector.VectorWrapper):
     training (return_rms given) both statistics update and the rewards are scaled by the running std of the discounted
     return (then clipped to +-10), the reset steps of next-step autoreset left out; without return_rms the observation
     statistics stay frozen (evaluation). What gymnasium's ClipAction, NormalizeObservation and NormalizeReward do, in
-    one wrapper: their chain costs twice a MuJoCo step."""
+    one wrapper: their chain costs more than the MuJoCo step itself."""
 
     def __init__(self, envs, obs_rms: RunningMeanStd, return_rms: RunningMeanStd | None = None, gamma: float = 0.99):
         super().__init__(envs)
