@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import tyro
-from torch.distributions import Categorical, Normal
+from torch.distributions import Normal
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -199,14 +199,17 @@ class Agent(nn.Module):
         if self.continuous:
             mean = self.actor(hidden)
             probs = Normal(mean, self.actor_logstd.expand_as(mean).exp())
-        else:
-            probs = Categorical(logits=self.actor(hidden))
-        if action is None:
-            action = probs.mode if greedy else probs.sample()
-        logprob, entropy = probs.log_prob(action), probs.entropy()
-        if self.continuous:  # independent action dimensions
-            logprob, entropy = logprob.sum(-1), entropy.sum(-1)
-        return action, logprob, entropy, self.critic(hidden), lstm_state
+            if action is None:
+                action = probs.mode if greedy else probs.sample()
+            # independent action dimensions
+            return action, probs.log_prob(action).sum(-1), probs.entropy().sum(-1), self.critic(hidden), lstm_state
+        # the categorical distribution written out: torch.distributions' bookkeeping costs more than this network
+        logprobs = self.actor(hidden).log_softmax(-1)
+        if action is None:  # Gumbel-max: the largest of the log-probabilities plus Gumbel noise is a sample
+            noise = 0 if greedy else torch.empty_like(logprobs).exponential_().log()
+            action = (logprobs - noise).argmax(-1)
+        entropy = -(logprobs.exp() * logprobs).sum(-1)
+        return action, logprobs.gather(-1, action.unsqueeze(-1)).squeeze(-1), entropy, self.critic(hidden), lstm_state
 
 
 def compute_gae(rewards, values, terminations, truncations, resets, next_value, gamma, gae_lambda):
@@ -361,6 +364,8 @@ def main(args: Args) -> None:
             frac = 1.0 - (iteration - 1.0) / num_iterations
             optimizer.param_groups[0]["lr"] = frac * args.learning_rate
 
+        # the rollout steps the LSTM one observation at a time, which torch's own kernels do faster than oneDNN's
+        torch.backends.mkldnn.enabled = False
         with torch.inference_mode():  # the rollout: no autograd bookkeeping at all
             for step in range(args.num_steps):
                 global_step += args.num_envs
@@ -389,6 +394,7 @@ def main(args: Args) -> None:
 
             start = torch.as_tensor(next_start, device=device)
             next_value = agent.get_value(next_obs, lstm_state, start).flatten().cpu().numpy()
+        torch.backends.mkldnn.enabled = True  # the update replays whole sequences: oneDNN's kernels are the faster
         advantages, returns = compute_gae(
             rewards, values.cpu().numpy(), terminations, truncations, resets, next_value, args.gamma, args.gae_lambda
         )

@@ -49,14 +49,9 @@ def test_tasks_and_only_select_matching_runs(tmp_path):
     )
 
 
-def test_bad_options(tmp_path):
-    for args, message in [
-        ([], "--preset is required"),
-        (["--preset", "fast"], "--preset fast is unknown"),
-        (["--preset", "quick", "--seeds", "0"], "--seeds 0"),
-    ]:
-        result = bench(*args, cwd=tmp_path)
-        assert result.returncode == 2 and message in result.stderr
+def test_bad_options_exit_2(tmp_path):
+    for args in ([], ["--preset", "fast"], ["--preset", "quick", "--seeds", "0"]):
+        assert bench(*args, cwd=tmp_path).returncode == 2
 
 
 def write_run(seed_dir, returns, sps=1000.0, wall=60, eval_return=None):
@@ -132,51 +127,15 @@ def test_a_stored_curve_is_binned_and_keeps_the_final_return(tmp_path):
     assert run["final"] == pytest.approx(np.mean(returns[-200:]))  # the last 10% of all 2000 episodes
 
 
-def test_report_rejects_an_empty_folder(tmp_path):
-    result = subprocess.run(
-        [str(REPO / ".venv/bin/python"), str(REPO / "benchmark/report.py"), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 2 and "holds no runs" in result.stderr
-
-
 def test_tiny_real_benchmark_reports_failures_and_skips_finished_runs(tmp_path):
-    out = tmp_path / "out"
+    out, tiny = tmp_path / "out", ["--", "--total-timesteps", "1024"]
     # the classic preset cut to 1024 steps a run, by a flag passed through to every script
-    ok = bench(
-        "--preset", "classic", "--seeds", "1", "--out", str(out), "--", "--total-timesteps", "1024", cwd=tmp_path
-    )
+    ok = bench("--preset", "classic", "--seeds", "1", "--out", str(out), *tiny, cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.count("start:") == 3 and (out / "classic" / "report.md").exists()
-    again = bench(
-        "--preset", "classic", "--seeds", "1", "--out", str(out), "--", "--total-timesteps", "1024", cwd=tmp_path
-    )
+    again = bench("--preset", "classic", "--seeds", "1", "--out", str(out), *tiny, cwd=tmp_path)
     assert again.returncode == 0 and again.stdout.count("done already:") == 3 and "start:" not in again.stdout
-
-    bad = bench(
-        "--preset",
-        "classic",
-        "--seeds",
-        "2",
-        "--out",
-        str(out),
-        "--",
-        "--total-timesteps",
-        "1024",
-        "--num-minibatches",
-        "3",
-        cwd=tmp_path,
-    )
+    bad = bench("--preset", "classic", "--seeds", "2", "--out", str(out), *tiny, "--num-minibatches", "3", cwd=tmp_path)
     assert bad.returncode == 1  # seed 2's runs fail (seed 1's are done and skipped); the exit status says so
     assert bad.stderr.count("FAILED (exit") == 3 and "3 run(s) failed" in bad.stderr and "log.txt" in bad.stderr
     assert "does not divide" in (out / "classic" / "CartPole-v1" / "ppo.py" / "seed2" / "log.txt").read_text()
-
-
-def test_a_published_figure_without_its_std_reads_as_one_number():
-    row = {"task": "T", "script": "s", "steps": 1000, "seeds": 1, "mean": 1.0, "std": 0.0, "eval": "-", "best": 1.0}
-    row["problems"] = []
-    published = {"T": [{"mean": "787", "std": "", "source": "Tianshou ppo (best point)", "steps": "1000000"}]}
-    text = report.markdown([row | {"sps": 1.0, "wall": 60.0}], published, {})
-    assert "| 787 (Tianshou ppo (best point), 1,000,000 steps) |" in text

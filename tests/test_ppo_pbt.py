@@ -75,25 +75,6 @@ def test_the_least_fit_copy_the_winner_of_a_tournament_among_the_others():
     assert pb.select(pair, pb.Args(copy_threshold=1.96), rng) == {}
 
 
-@pytest.mark.parametrize(
-    "flags, message",
-    [
-        (["--learning-rate", "1e-2", "1e-5"], "--learning-rate 0.01 1e-05: a range's first end may not exceed"),
-        (["--ent-coef", "-0.1", "0.01"], "--ent-coef -0.1 and --vf-coef 0.5 must be 0 or positive"),
-        (["--update-epochs", "0", "4"], "--update-epochs 0 must be positive"),
-        (["--truncation", "1"], "--truncation 1.0 must lie between 0 and 1"),
-        (["--evolve-interval", "-1"], "--evolve-interval -1 must be 0"),
-        (["--tournament-size", "0"], "--tournament-size 0 must be 1 or more"),
-        (["--resample-probability", "1.5"], "--resample-probability 1.5 must lie in [0, 1]"),
-        (["--copy-threshold", "nan"], "--copy-threshold nan must be 0 or positive"),
-    ],
-)
-def test_bad_input_is_one_line(workdir, flags, message):
-    result = run_in_process("ppo_pbt.py", *flags, cwd=workdir)
-    assert result.returncode == 2 and result.stderr.startswith("error: ") and message in result.stderr, result.stderr
-    assert result.stderr.count("\n") == 1 and not (workdir / "runs").exists()
-
-
 def test_exchange_copies_weights_and_optimizer_exactly_on_three_ranks(workdir):
     result = mpirun(3, str(REPO / "tests" / "ppo_pbt_ranks.py"), cwd=workdir, timeout=60)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr

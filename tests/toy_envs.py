@@ -161,30 +161,7 @@ for _cls in (*toys, MaskedToy, MaskedDictToy, StrictMaskedToy):
     gym.register(id=f"{_cls.__name__}-v0", entry_point=f"{__name__}:{_cls.__name__}", max_episode_steps=16)
 
 
-# ---------------------------------------------------------------- for ppo_lstm.py: images, Dicts with images, memory
-
-
-class ImageObsToy(gym.Env):
-    """Image observations (uint8, channels last, the Nature CNN's smallest size, 36x36): the lit half of the image
-    shows which of two actions pays 1. Episodes truncate after 16 steps."""
-
-    observation_space = gym.spaces.Box(0, 255, (36, 36, 3), np.uint8)
-    action_space = gym.spaces.Discrete(2)
-
-    def _obs(self):
-        self.target = int(self.np_random.integers(2))
-        image = np.zeros((36, 36, 3), np.uint8)
-        image[:, 18 * self.target : 18 * (self.target + 1)] = 255
-        return image
-
-    def reset(self, *, seed=None, options=None):
-        super().reset(seed=seed)
-        return self._obs(), {}
-
-    def step(self, action):
-        assert self.action_space.contains(action), action
-        reward = float(action == self.target)
-        return self._obs(), reward, False, False, {}
+# ---------------------------------------------------------------- for ppo_lstm.py: memory
 
 
 class CueRecallToy(gym.Env):
@@ -211,5 +188,5 @@ class CueRecallToy(gym.Env):
         return np.zeros(3, np.float32), 1.0 if action == self.cue else -1.0, True, False, {}
 
 
-for _cls in (ImageObsToy, CueRecallToy):
+for _cls in (CueRecallToy,):
     gym.register(id=f"{_cls.__name__}-v0", entry_point=f"{__name__}:{_cls.__name__}", max_episode_steps=16)
