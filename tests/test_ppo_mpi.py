@@ -2,6 +2,7 @@
 optimizer and statistics identical after training, a checkpoint of two ranks resumed on one, an error on one rank
 ends them all. (On one rank, in this process: tests/test_ppo_continuous.py and tests/test_ppo_atari.py.)"""
 
+import pytest
 import torch
 
 from tests.conftest import REPO, edited_copy, mpirun, only_run_dir, run_in_process
@@ -58,3 +59,21 @@ def test_an_error_on_one_rank_ends_them_all(workdir):
     crash = ["--env-id", "tests.mpi_ranks:PendulumCrashOnRank1-v0", *PENDULUM[2:-4], "--total-timesteps", "4096"]
     result = mpirun(2, str(REPO / "ppo_mpi.py"), *crash, cwd=workdir, timeout=60)
     assert result.returncode != 0 and "CrashOnRank1: the env broke on rank 1" in result.stderr, result.stderr
+
+
+ONE_RANK = [("ppo_mpi.py", "ppo_continuous.py", PENDULUM[:-4]), ("ppo_atari_mpi.py", "ppo_atari.py", BREAKOUT[:-4])]
+
+
+@pytest.mark.parametrize("script, parent, flags", ONE_RANK)
+def test_one_rank_takes_its_parents_steps(workdir, script, parent, flags):
+    """On one rank the averaged gradient is the rank's own, so the script trains as its parent does, step for step (the
+    check that caught the Allreduce's copy handing channels-last weights their gradients in another layout)."""
+    models = []
+    for name in (script, parent):
+        args = [*flags, "--total-timesteps", "128", "--eval-episodes", "0", "--exp-name", name[:-3]]
+        result = run_in_process(name, *args, cwd=workdir)
+        assert result.returncode == 0, result.stderr
+        (run_dir,) = (workdir / "runs").glob(f"*__{name[:-3]}__*")
+        models.append(torch.load(run_dir / "checkpoint.pt", weights_only=True)["model"])
+    for name, value in models[0].items():
+        torch.testing.assert_close(value, models[1][name], msg=f"{script} and {parent} differ in {name}")
