@@ -10,7 +10,7 @@ log-std, as in ppo_continuous.py. The defaults are RL Zoo's settings for recurre
     python ppo_lstm.py --env-id benchmark.pomdp:CartPoleNoVel-v1 --total-timesteps 200000    # greedy: 500
     python ppo_lstm.py --env-id benchmark.pomdp:CartPoleNoVel-v1 --total-timesteps 100000    # greedy: 500, as RL Zoo's
 
-Velocity-masked Pendulum, with RL Zoo's settings for it, does not learn in 100k steps (about -1200, RL Zoo: -218 with
+Velocity-masked Pendulum, with RL Zoo's settings for it, does not learn in 100k steps (about -1160, RL Zoo: -218 with
 gSDE and normalisation, ppo_gsde.py's and ppo_continuous.py's ideas): benchmark/results/recurrent/report.md.
 """
 

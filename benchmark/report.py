@@ -4,9 +4,10 @@
 
 It reads what benchmark.sh leaves in a preset folder: TASK/SCRIPT/spec (task, script, env id, steps) and
 TASK/SCRIPT/seedN/ holding `done` (wall seconds) or `failed`, log.txt and runs/*/events.out.tfevents.*. What it needs
-of a finished run goes to seedN/summary.json (the final return, the greedy evaluation, steps/s, the curve binned to
-at most 500 points): git keeps spec, done and summary.json (.gitignore), so a fresh clone still reports and plots
-the runs of earlier sessions, and benchmark.sh skips them; a run's own events, where present, always win.
+of a finished run goes to seedN/summary.json (the day it finished and the machine, the final return, the greedy
+evaluation, steps/s, the curve binned to at most 500 points): git keeps spec, done and summary.json (.gitignore), so a
+fresh clone still reports and plots the runs of earlier sessions, and benchmark.sh skips them; a run's own events,
+where present, always win.
 
 The final return of a run is the mean episodic return over its last 10% of episodes (at least one); of a population
 (ppo_pbt.py, a folder per member), its best member's, whose curve is the run's curve; a task's figure
@@ -22,7 +23,11 @@ import argparse
 import csv
 import json
 import math
+import os
+import platform
+import time
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +35,8 @@ import numpy as np
 FINAL_FRACTION = 0.1
 CURVE_POINTS = 500  # a stored curve: consecutive episodes averaged in this many bins, enough for a plot
 PUBLISHED = Path(__file__).resolve().parent / "published.csv"
+CPU = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), None)
+MACHINE = f"{CPU or platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
 def read_scalars(run_dir: Path) -> dict:
@@ -68,11 +75,23 @@ def summarise_events(seed_dir: Path) -> dict:
         curves = [read_scalars(member).get("charts/episodic_return", []) for member in members]
         curve = max(curves, key=lambda c: final_return([v for _, v in c]) if c else -math.inf)
     return {
+        "date": time.strftime("%Y-%m-%d", time.gmtime((seed_dir / "done").stat().st_mtime)),  # when it finished
+        "machine": MACHINE,
         "final": final_return([v for _, v in curve]) if curve else None,
         "eval": scalars["eval/episodic_return"][-1][1] if "eval/episodic_return" in scalars else None,
         "sps": scalars["charts/SPS"][-1][1] if "charts/SPS" in scalars else None,
         "curve": binned(curve),
     }
+
+
+def provenance(runs: list) -> str:
+    """When and on what machine the finished runs were measured, as their summaries recorded it (the runs of before it
+    was recorded: the day git received their summary)."""
+    done = [run for run in runs if run["status"] == "done"]
+    dates = sorted(run["date"] for run in done if run.get("date"))
+    machines = Counter(run.get("machine", "a machine not recorded") for run in done)
+    when = "" if not dates else f" {dates[0]}" if dates[0] == dates[-1] else f" {dates[0]} to {dates[-1]}"
+    return f"Measured{when} on " + "; ".join(f"{machine} ({n} runs)" for machine, n in machines.items()) + "."
 
 
 def load_runs(preset_dir: Path) -> list:
@@ -218,6 +237,7 @@ def main() -> None:
         plots[task] = f"{task.replace(' ', '_')}.png"
         plot_task(task, [r for r in runs if r["task"] == task], published.get(task, []), preset_dir / plots[task])
     report = markdown(summarise(runs), published, plots)
+    report = f"{provenance(runs)}\n\n{report}"
     (preset_dir / "report.md").write_text(f"# Benchmark: {preset_dir.name}\n\n{report}")
     print(report)
 
