@@ -7,8 +7,7 @@ log-std, as in ppo_continuous.py. The defaults are RL Zoo's settings for recurre
 (benchmark/pomdp.py), a task that a policy without memory cannot learn.
 
     python ppo_lstm.py --env-id CartPole-v1 --total-timesteps 5000
-    python ppo_lstm.py --env-id benchmark.pomdp:CartPoleNoVel-v1 --total-timesteps 200000    # greedy: 500
-    python ppo_lstm.py --env-id benchmark.pomdp:CartPoleNoVel-v1 --total-timesteps 100000    # greedy: 500, as RL Zoo's
+    python ppo_lstm.py --env-id benchmark.pomdp:CartPoleNoVel-v1    # 200k steps, greedy: 500 (10 seeds: 466 ± 86)
 
 Velocity-masked Pendulum, with RL Zoo's settings for it, does not learn in 100k steps (about -1160, RL Zoo: -218 with
 gSDE and normalisation, ppo_gsde.py's and ppo_continuous.py's ideas): benchmark/results/recurrent/report.md.
