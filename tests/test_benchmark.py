@@ -94,12 +94,8 @@ def test_report_on_synthetic_runs(tmp_path):
     assert ppo_row["best"] == pytest.approx(25.0)
     assert [p.split()[:2] for p in ppo_row["problems"]] == [["seed3", "failed"], ["seed4", "missing"]]
 
-    result = subprocess.run(
-        [str(REPO / ".venv/bin/python"), str(REPO / "benchmark/report.py"), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    command = [str(REPO / ".venv/bin/python"), str(REPO / "benchmark/report.py"), str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     text = (tmp_path / "report.md").read_text()
     row = (

@@ -1,5 +1,5 @@
-"""ppo_masked.py: masked actions get probability 0 in the rollout, the update and the evaluation; MultiDiscrete and
-MultiBinary actions reach the env in its own layout."""
+"""ppo_masked.py (and ppo_lstm_masked.py, its lines on ppo_lstm.py): masked actions get probability 0 in the rollout,
+the update and the evaluation; MultiDiscrete and MultiBinary actions reach the env in its own layout."""
 
 import gymnasium as gym
 import pytest
@@ -26,12 +26,14 @@ def test_a_masked_action_has_probability_zero():
     assert mask[0, greedy[0, 0]] and mask[0, 4 + greedy[0, 1]]
 
 
+@pytest.mark.parametrize("script", ["ppo_masked.py", "ppo_lstm_masked.py"])
 @pytest.mark.parametrize("env", ["StrictMaskedToy", "MaskedDictToy"])  # the mask in info, or in a Dict observation
-def test_an_env_action_mask_is_obeyed(workdir, env):
-    """StrictMaskedToy raises at a masked action, MaskedDictToy counts it; without the mask, masked actions happen."""
+def test_an_env_action_mask_is_obeyed(workdir, script, env):
+    """StrictMaskedToy raises at a masked action, MaskedDictToy counts it; without the mask, masked actions happen. (The
+    first minibatch's ratio of 1 checks the masked update, ppo_lstm_masked.py's replay of sequences included.)"""
     toys.MaskedToy.violations = 0
     args = ["--env-id", f"tests.toy_envs:{env}-v0", "--total-timesteps", "1024", "--eval-episodes", "3", *SMALL]
-    result = run_in_process("ppo_masked.py", *args, cwd=workdir)
+    result = run_in_process(script, *args, *["--seq-len", "16"] * (script == "ppo_lstm_masked.py"), cwd=workdir)
     assert result.returncode == 0 and toys.MaskedToy.violations == 0, result.stderr
     if env == "MaskedDictToy":
         result = run_in_process("ppo_masked.py", *args, "--no-action-mask", "--exp-name", "nomask", cwd=workdir)

@@ -89,11 +89,7 @@ class MixedObsToy(gym.Env):
 
     def step(self, action):
         assert self.action_space.contains(np.asarray(action, dtype=self.action_space.dtype)), action
-        reward = self.reward(action)
-        return self._obs(), reward, False, False, {}
-
-    def reward(self, action):
-        return float(action == self.target)
+        return self._obs(), float(action == self.target), False, False, {}
 
 
 class NaNDiscreteToy(MatchEnv):
