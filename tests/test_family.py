@@ -24,6 +24,8 @@ FAMILY = {  # script: its smallest task
     "ppo_atari.py": ["--env-id", "Breakout-v5", *SMALL],
     "ppo_atari_mpi.py": ["--env-id", "Breakout-v5", *SMALL],
 }
+# ppo_pbt.py: a population of one on this rank (its ranges given as ranges); its runs are test_ppo_pbt.py's
+WITH_PBT = {**FAMILY, "ppo_pbt.py": ["--env-id", "CartPole-v1", *SMALL[:-1], "1", "1"]}
 KEYS = {"charts/learning_rate", "charts/SPS", "losses/explained_variance"}
 KEYS |= {f"losses/{k}" for k in ("value_loss", "policy_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac")}
 
@@ -34,7 +36,7 @@ def small_run(script, workdir, *flags, steps=128, module=None):
         expert = run_in_process("ppo.py", *FAMILY["ppo.py"], "--total-timesteps", "64", "--exp-name", "x", cwd=workdir)
         assert expert.returncode == 0, expert.stderr
         (next((workdir / "runs").glob("*__x__*")) / "checkpoint.pt").rename(workdir / "expert.pt")
-    return run_in_process(module or script, *FAMILY[script], "--total-timesteps", str(steps), *flags, cwd=workdir)
+    return run_in_process(module or script, *WITH_PBT[script], "--total-timesteps", str(steps), *flags, cwd=workdir)
 
 
 @pytest.mark.parametrize("script", FAMILY)
@@ -66,7 +68,7 @@ def test_train_log_checkpoint_eval_resume(workdir, script):
     assert small_run(script, workdir, *resume, steps=192).returncode == 2  # nothing left to train
 
 
-@pytest.mark.parametrize("script", FAMILY)
+@pytest.mark.parametrize("script", WITH_PBT)
 def test_a_random_network_is_caught_by_the_first_minibatch_ratio(workdir, script):
     """Dropout makes the update compute another policy than the rollout sampled from: the check that the first
     minibatch's ratio is 1 stops the run (and every run of the table above passed it)."""
