@@ -44,8 +44,7 @@ done
 [[ $seeds =~ ^[1-9][0-9]*$ ]] || { echo "error: --seeds $seeds must be a positive integer" >&2; exit 2; }
 [[ $workers =~ ^[1-9][0-9]*$ ]] || { echo "error: --workers $workers must be a positive integer" >&2; exit 2; }
 # runs side by side share the cores: each gets its share of them for torch's threads (an OMP_NUM_THREADS set wins)
-cores=$(nproc)
-((workers > 1)) && export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$((cores > workers ? cores / workers : 1))}
+if ((workers > 1)); then export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(($(nproc) > workers ? $(nproc) / workers : 1))}; fi
 # MPI runs use MPICH's mpiexec from the same venv as python (requirements.txt): a system one may be another MPI's.
 mpiexec=$(dirname "$python")/mpiexec
 [[ -x $mpiexec ]] || mpiexec=mpiexec

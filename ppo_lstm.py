@@ -7,7 +7,7 @@ log-std, as in ppo_continuous.py. The defaults are RL Zoo's settings for recurre
 (benchmark/pomdp.py), a task that a policy without memory cannot learn.
 
     python ppo_lstm.py --env-id CartPole-v1 --total-timesteps 5000
-    python ppo_lstm.py --env-id benchmark.pomdp:CartPoleNoVel-v1    # 200k steps, greedy: 500 (10 seeds: 466 ± 86)
+    python ppo_lstm.py --env-id benchmark.pomdp:CartPoleNoVel-v1    # 200k steps, greedy: 500
 
 Velocity-masked Pendulum, with RL Zoo's settings for it, does not learn in 100k steps (about -1160, RL Zoo: -218 with
 gSDE and normalisation, ppo_gsde.py's and ppo_continuous.py's ideas): benchmark/results/recurrent/report.md.
@@ -288,7 +288,7 @@ def main(args: Args) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    # torch's own threads, one a core (OMP_NUM_THREADS to change): the LSTM's products use them, its update the more
+    # torch's own threads, one a core (OMP_NUM_THREADS sets another number): the LSTM's update is worth them
     # Distributions skip checking their arguments, a dozen small ops a call (a NaN stops the run all the same, below).
     torch.distributions.Distribution.set_default_validate_args(False)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")

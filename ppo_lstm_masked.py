@@ -317,7 +317,7 @@ def main(args: Args) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    # torch's own threads, one a core (OMP_NUM_THREADS to change): the LSTM's products use them, its update the more
+    # torch's own threads, one a core (OMP_NUM_THREADS sets another number): the LSTM's update is worth them
     # Distributions skip checking their arguments, a dozen small ops a call (a NaN stops the run all the same, below).
     torch.distributions.Distribution.set_default_validate_args(False)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")

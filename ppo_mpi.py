@@ -502,8 +502,9 @@ def main(args: Args) -> None:
                 # the gradients averaged over the ranks in one Allreduce: every rank takes the same step
                 grads = torch.cat([param.grad.flatten() for param in agent.parameters()]).cpu()
                 comm.Allreduce(MPI.IN_PLACE, grads.numpy(), op=MPI.SUM)
+                grads = (grads / comm.size).to(device)  # one copy to the device, then into each gradient's own layout
                 for param, grad in zip(agent.parameters(), grads.split([p.numel() for p in agent.parameters()])):
-                    param.grad.copy_(grad.view_as(param) / comm.size)  # kept in the gradient's layout (channels-last)
+                    param.grad.copy_(grad.view_as(param))
                 nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
                 optimizer.step()
                 stats += torch.stack([v_loss, pg_loss, entropy_loss, old_approx_kl, approx_kl, clipfrac]).detach()

@@ -25,6 +25,7 @@ import json
 import math
 import os
 import platform
+import re
 import time
 import warnings
 from collections import Counter
@@ -35,8 +36,9 @@ import numpy as np
 FINAL_FRACTION = 0.1
 CURVE_POINTS = 500  # a stored curve: consecutive episodes averaged in this many bins, enough for a plot
 PUBLISHED = Path(__file__).resolve().parent / "published.csv"
-CPU = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), None)
-MACHINE = f"{CPU or platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+CPUINFO = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""  # Linux's; elsewhere platform's
+CPU = re.search(r"^model name\s*:\s*(.+)$", CPUINFO, re.M)
+MACHINE = f"{CPU.group(1) if CPU else platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
 def read_scalars(run_dir: Path) -> dict:
@@ -85,8 +87,8 @@ def summarise_events(seed_dir: Path) -> dict:
 
 
 def provenance(runs: list) -> str:
-    """When and on what machine the finished runs were measured, as their summaries recorded it (the runs of before it
-    was recorded: the day git received their summary)."""
+    """When and on what machine the finished runs were measured, as their summaries record it (a summary written
+    before they did carries no machine)."""
     done = [run for run in runs if run["status"] == "done"]
     dates = sorted(run["date"] for run in done if run.get("date"))
     machines = Counter(run.get("machine", "a machine not recorded") for run in done)

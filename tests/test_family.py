@@ -24,7 +24,7 @@ FAMILY = {  # script: its smallest task
     "ppo_atari.py": ["--env-id", "Breakout-v5", *SMALL],
     "ppo_atari_mpi.py": ["--env-id", "Breakout-v5", *SMALL],
 }
-# ppo_pbt.py: a population of one on this rank (its ranges given as ranges); its runs are test_ppo_pbt.py's
+# ppo_pbt.py as a population of one (its --update-epochs is a range: low high); test_ppo_pbt.py runs its populations
 WITH_PBT = {**FAMILY, "ppo_pbt.py": ["--env-id", "CartPole-v1", *SMALL[:-1], "1", "1"]}
 KEYS = {"charts/learning_rate", "charts/SPS", "losses/explained_variance"}
 KEYS |= {f"losses/{k}" for k in ("value_loss", "policy_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac")}
