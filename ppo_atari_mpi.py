@@ -25,6 +25,10 @@ from collections import deque
 from dataclasses import asdict, dataclass
 from unittest import mock
 
+# torch's idle threads sleep at once instead of spinning for milliseconds after each operation: envpool's threads get
+# the cores while they step the games (read when torch loads OpenMP, so before `import torch`; your own value wins)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import envpool
 import numpy as np
 import torch
