@@ -25,7 +25,7 @@ from collections import deque
 from dataclasses import asdict, dataclass
 from unittest import mock
 
-# torch's idle threads sleep at once, not after libgomp's default 300,000 spins: envpool's threads get the cores while
+# torch's idle threads sleep at once instead of spinning, libgomp's default: envpool's threads get the cores while
 # they step the games (read when torch loads OpenMP, so before `import torch`; a value you set wins)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

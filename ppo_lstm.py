@@ -362,9 +362,9 @@ def main(args: Args) -> None:
             frac = 1.0 - (iteration - 1.0) / num_iterations
             optimizer.param_groups[0]["lr"] = frac * args.learning_rate
 
-        # the rollout steps the LSTM one observation at a time, which torch's own kernels do faster than oneDNN's
-        torch.backends.mkldnn.enabled = False
-        with torch.inference_mode():  # the rollout: no autograd bookkeeping at all
+        # the rollout: no autograd bookkeeping at all; the LSTM stepped one observation at a time, which torch's own
+        # kernels do faster than oneDNN's (the update, replaying whole sequences, keeps oneDNN: there it is the faster)
+        with torch.inference_mode(), torch.backends.mkldnn.flags(enabled=False):
             for step in range(args.num_steps):
                 global_step += args.num_envs
                 obs[step] = next_obs
@@ -392,7 +392,6 @@ def main(args: Args) -> None:
 
             start = torch.as_tensor(next_start, device=device)
             next_value = agent.get_value(next_obs, lstm_state, start).flatten().cpu().numpy()
-        torch.backends.mkldnn.enabled = True  # the update replays whole sequences: oneDNN's kernels are the faster
         advantages, returns = compute_gae(
             rewards, values.cpu().numpy(), terminations, truncations, resets, next_value, args.gamma, args.gae_lambda
         )
