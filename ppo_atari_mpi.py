@@ -317,9 +317,9 @@ def main(args: Args) -> None:
     if global_step >= num_iterations * batch_size and args.resume:
         fail(f"--resume: the checkpoint is at step {global_step:,} already; raise --total-timesteps")
 
-    # A resumed run seeds from the step it resumes at, so that it does not replay the episodes of its start; each rank
-    # its own episodes.
-    seed = (args.seed + global_step) * comm.size + comm.rank
+    # A resumed run seeds from the step it resumes at, so that it does not replay the episodes of its start. Each rank
+    # its own episodes: env i of a rank is seeded seed + i, so a rank's envs take the seeds after the ranks' before it.
+    seed = args.seed + global_step + comm.rank * args.num_envs
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

@@ -1,7 +1,8 @@
 """What the MPI tests run on ranks.
 
 Imported, as `--env-id tests.mpi_ranks:CrashOnRank1-v0` (CartPole) or `tests.mpi_ranks:PendulumCrashOnRank1-v0`, it
-registers envs that fail on rank 1 alone, in the middle of training. Run as a script on every rank (`mpiexec -n 2
+registers envs that fail on rank 1 alone, in the middle of training, and `PendulumPrintsSeeds-v0`, which prints each
+seed it is reset with. Run as a script on every rank (`mpiexec -n 2
 python tests/mpi_ranks.py`), it checks that ppo_mpi.py's merge_statistics gives every rank the statistics of all the
 ranks' data, as NumPy computes them; rank 0 then prints `ok`. A failed check prints its traceback and ends every rank.
 """
@@ -34,6 +35,18 @@ def crash_on_rank1(env_class):
 CrashOnRank1, PendulumCrashOnRank1 = crash_on_rank1(CartPoleEnv), crash_on_rank1(PendulumEnv)
 gym.register(id="CrashOnRank1-v0", entry_point=f"{__name__}:CrashOnRank1", max_episode_steps=500)
 gym.register(id="PendulumCrashOnRank1-v0", entry_point=f"{__name__}:PendulumCrashOnRank1", max_episode_steps=200)
+
+
+class PendulumPrintsSeeds(PendulumEnv):
+    """Pendulum, printing `reset seed N` when a reset is seeded: the seeds of every env of every rank, in the output."""
+
+    def reset(self, *, seed=None, options=None):
+        if seed is not None:
+            print(f"reset seed {seed}", flush=True)
+        return super().reset(seed=seed, options=options)
+
+
+gym.register(id="PendulumPrintsSeeds-v0", entry_point=f"{__name__}:PendulumPrintsSeeds", max_episode_steps=200)
 
 
 def main() -> None:

@@ -2,6 +2,8 @@
 optimizer and statistics identical after training, a checkpoint of two ranks resumed on one, an error on one rank
 ends them all. (On one rank, in this process: tests/test_ppo_continuous.py and tests/test_ppo_atari.py.)"""
 
+import re
+
 import pytest
 import torch
 
@@ -50,6 +52,14 @@ def test_atari_ranks_stay_identical(workdir):
     assert result.returncode == 0 and "done: 256 steps" in result.stdout, result.stderr
     ckpts = [torch.load(only_run_dir(workdir) / f"checkpoint{rank}.pt", weights_only=True) for rank in (0, 1)]
     assert all(torch.equal(value, ckpts[1]["model"][name]) for name, value in ckpts[0]["model"].items())
+
+
+def test_every_env_of_every_rank_has_its_own_seed(workdir):
+    printing = ["--env-id", "tests.mpi_ranks:PendulumPrintsSeeds-v0", *PENDULUM[2:-4], "--total-timesteps", "256"]
+    result = mpirun(2, str(REPO / "ppo_mpi.py"), *printing, "--eval-episodes", "0", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    seeds = re.findall(r"^reset seed (\d+)$", result.stdout, re.MULTILINE)
+    assert len(seeds) == 4 and len(set(seeds)) == 4, f"2 ranks x 2 envs reset with the seeds {seeds}"
 
 
 def test_an_error_on_one_rank_ends_them_all(workdir):
