@@ -1,6 +1,7 @@
 """ppo_mpi.py and ppo_atari_mpi.py on two ranks: statistics merged as NumPy pools them, every rank's network,
-optimizer and statistics identical after training, a checkpoint of two ranks resumed on one, an error on one rank
-ends them all. (On one rank, in this process: tests/test_ppo_continuous.py and tests/test_ppo_atari.py.)"""
+optimizer and statistics identical after training, a checkpoint of two ranks resumed on one, no seed shared by two
+envs, an error on one rank ends them all. (On one rank, in this process: tests/test_ppo_continuous.py and
+tests/test_ppo_atari.py.)"""
 
 import re
 
