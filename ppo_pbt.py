@@ -611,5 +611,5 @@ if __name__ == "__main__":
     try:
         main(args)
     except Exception:  # a rank that stops alone would leave the others waiting in a collective call for ever
-        traceback.print_exc()
+        sys.stderr.write(traceback.format_exc())  # in one write: MPI_Abort may cut a traceback written line by line
         MPI.COMM_WORLD.Abort(1)

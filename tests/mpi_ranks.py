@@ -2,9 +2,9 @@
 
 Imported, as `--env-id tests.mpi_ranks:CrashOnRank1-v0` (CartPole) or `tests.mpi_ranks:PendulumCrashOnRank1-v0`, it
 registers envs that fail on rank 1 alone, in the middle of training, and `PendulumPrintsSeeds-v0`, which prints each
-seed it is reset with. Run as a script on every rank (`mpiexec -n 2
-python tests/mpi_ranks.py`), it checks that ppo_mpi.py's merge_statistics gives every rank the statistics of all the
-ranks' data, as NumPy computes them; rank 0 then prints `ok`. A failed check prints its traceback and ends every rank.
+seed it is reset with. Run as a script on every rank (`mpiexec -n 2 python tests/mpi_ranks.py`), it checks that
+ppo_mpi.py's merge_statistics gives every rank the statistics of all the ranks' data, as NumPy computes them; rank 0
+then prints `ok`. A failed check prints its traceback and ends every rank.
 """
 
 import gymnasium as gym
