@@ -38,11 +38,11 @@ gym.register(id="PendulumCrashOnRank1-v0", entry_point=f"{__name__}:PendulumCras
 
 
 class PendulumPrintsSeeds(PendulumEnv):
-    """Pendulum, printing `reset seed N` when a reset is seeded: the seeds of every env of every rank, in the output."""
+    """Pendulum, printing `reset seed N;` at each seeded reset: the seeds of every env of every rank, in the output."""
 
     def reset(self, *, seed=None, options=None):
         if seed is not None:
-            print(f"reset seed {seed}", flush=True)
+            print(f"reset seed {seed};", flush=True)  # the ranks' lines may reach mpiexec's output glued
         return super().reset(seed=seed, options=options)
 
 
