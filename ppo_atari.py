@@ -21,10 +21,6 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass
 
-# torch's idle threads sleep at once instead of spinning, libgomp's default: envpool's threads get the cores while
-# they step the games (read when torch loads OpenMP, so before `import torch`; a value you set wins)
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import envpool
 import numpy as np
 import torch
