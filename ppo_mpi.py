@@ -117,6 +117,7 @@ def fail(message: str, status: int = 2):
         print(f"error: {f'rank {comm.rank}: ' if status == 1 and comm.size > 1 else ''}{message}", file=sys.stderr,
               flush=True)  # fmt: skip
     if status == 1 and comm.size > 1:
+        time.sleep(0.5)  # time for mpiexec to pass the line on: MPI_Abort can drop what a rank wrote just before it
         comm.Abort(status)
     sys.exit(status)
 
@@ -559,4 +560,5 @@ if __name__ == "__main__":
         main(args)
     except Exception:  # a rank that stops alone would leave the others waiting in a collective call for ever
         sys.stderr.write(traceback.format_exc())  # in one write: MPI_Abort may cut a traceback written line by line
+        time.sleep(0.5)  # and time for mpiexec to pass it on: MPI_Abort can drop what a rank wrote just before it
         MPI.COMM_WORLD.Abort(1)
