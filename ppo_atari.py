@@ -302,6 +302,9 @@ def main(args: Args) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    # Denormals flushed to zero: Adam's moments of dead units would otherwise decay into float32's subnormal range
+    # and stay there (rounding keeps them from reaching zero), where CPUs compute them slowly.
+    torch.set_flush_denormal(True)
     # torch's own threads, one a core: the convolutions use them all
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 

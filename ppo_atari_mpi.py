@@ -320,6 +320,9 @@ def main(args: Args) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    # Denormals flushed to zero: Adam's moments of dead units would otherwise decay into float32's subnormal range
+    # and stay there (rounding keeps them from reaching zero), where CPUs compute them slowly.
+    torch.set_flush_denormal(True)
     # torch's threads, the ranks of this machine sharing its cores; on GPUs, the ranks take them in turn
     local = comm.Split_type(MPI.COMM_TYPE_SHARED)
     torch.set_num_threads(max(1, torch.get_num_threads() // local.size))

@@ -46,6 +46,7 @@ def run_in_process(script, *args: str, cwd: Path, timeout: float | None = None) 
         sys.argv = argv
         os.chdir(here)
         torch.set_num_threads(threads)
+        torch.set_flush_denormal(False)  # the Atari scripts flush denormals
     return subprocess.CompletedProcess([name, *args], returncode, stdout.getvalue(), stderr.getvalue())
 
 

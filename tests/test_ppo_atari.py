@@ -1,9 +1,12 @@
-"""ppo_atari.py: whole-game statistics (tests/test_family.py runs it). Learning Breakout takes hours:
-benchmark/results/atari has the curves."""
+"""ppo_atari.py: whole-game statistics and flushed denormals (tests/test_family.py runs it). Learning Breakout takes
+hours: benchmark/results/atari has the curves."""
 
 import numpy as np
+import pytest
+import torch
 
 import ppo_atari
+from tests.conftest import only_run_dir, run_script
 
 
 def test_episode_statistics_are_whole_games():
@@ -26,3 +29,25 @@ def test_episode_statistics_are_whole_games():
     assert len(games) >= 4 and lives_lost >= 4 * len(games)  # Breakout's 5 lives: a game is several episodes
     assert all((reported, steps) == (real, real_steps) for reported, steps, real, real_steps in games), games
     assert envs.return_queue and list(envs.return_queue) == [r for r, *_ in games]
+
+
+@pytest.mark.parametrize("script", ["ppo_atari.py", "ppo_atari_mpi.py"])
+def test_adams_denormal_moments_are_flushed(workdir, script):
+    """A moment of Adam's that its unit's zero gradients decay into float32's subnormal range stays there (0.9 times a
+    few of its smallest steps rounds back), and CPUs compute such numbers slowly: the script flushes them to zero.
+    Here the moments of the weights that had no gradient yet are set subnormal, and the run resumed for an iteration."""
+    flags = ["--env-id", "Breakout-v5", "--num-envs", "2", "--num-steps", "32", "--num-minibatches", "2"]
+    flags += ["--update-epochs", "1", "--eval-episodes", "0"]
+    result = run_script(script, *flags, "--total-timesteps", "64", cwd=workdir)  # fresh processes, as a user's runs
+    assert result.returncode == 0, result.stderr
+    path, tiny = only_run_dir(workdir) / "checkpoint.pt", torch.finfo(torch.float32).tiny
+    checkpoint = torch.load(path, weights_only=True)
+    moments = [state["exp_avg"] for state in checkpoint["optimizer"]["state"].values()]
+    for state in checkpoint["optimizer"]["state"].values():
+        state["exp_avg"][state["exp_avg_sq"] == 0] = tiny / 4
+    assert sum(((m > 0) & (m < tiny)).sum().item() for m in moments) > 1000
+    torch.save(checkpoint, path)
+    result = run_script(script, *flags, "--total-timesteps", "128", "--resume", str(path), cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    moments = [state["exp_avg"] for state in torch.load(path, weights_only=True)["optimizer"]["state"].values()]
+    assert sum(((m != 0) & (m.abs() < tiny)).sum().item() for m in moments) == 0
