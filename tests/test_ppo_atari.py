@@ -7,6 +7,7 @@ import torch
 
 import ppo_atari
 from tests.conftest import only_run_dir, run_script
+from tests.test_family import SMALL
 
 
 def test_episode_statistics_are_whole_games():
@@ -36,18 +37,19 @@ def test_adams_denormal_moments_are_flushed(workdir, script):
     """A moment of Adam's that its unit's zero gradients decay into float32's subnormal range stays there (0.9 times a
     few of its smallest steps rounds back), and CPUs compute such numbers slowly: the script flushes them to zero.
     Here the moments of the weights that had no gradient yet are set subnormal, and the run resumed for an iteration."""
-    flags = ["--env-id", "Breakout-v5", "--num-envs", "2", "--num-steps", "32", "--num-minibatches", "2"]
-    flags += ["--update-epochs", "1", "--eval-episodes", "0"]
+    flags = ["--env-id", "Breakout-v5", *SMALL, "--eval-episodes", "0"]
+    path, tiny = workdir / "checkpoint.pt", torch.finfo(torch.float32).tiny
+
+    def subnormal_moments(checkpoint: dict) -> int:
+        return sum(((s["exp_avg"] != 0) & (s["exp_avg"].abs() < tiny)).sum().item() for s in checkpoint.values())
+
     result = run_script(script, *flags, "--total-timesteps", "64", cwd=workdir)  # fresh processes, as a user's runs
     assert result.returncode == 0, result.stderr
-    path, tiny = only_run_dir(workdir) / "checkpoint.pt", torch.finfo(torch.float32).tiny
-    checkpoint = torch.load(path, weights_only=True)
-    moments = [state["exp_avg"] for state in checkpoint["optimizer"]["state"].values()]
+    checkpoint = torch.load(only_run_dir(workdir) / "checkpoint.pt", weights_only=True)
     for state in checkpoint["optimizer"]["state"].values():
         state["exp_avg"][state["exp_avg_sq"] == 0] = tiny / 4
-    assert sum(((m > 0) & (m < tiny)).sum().item() for m in moments) > 1000
+    assert subnormal_moments(checkpoint["optimizer"]["state"]) > 1000
     torch.save(checkpoint, path)
     result = run_script(script, *flags, "--total-timesteps", "128", "--resume", str(path), cwd=workdir)
     assert result.returncode == 0, result.stderr
-    moments = [state["exp_avg"] for state in torch.load(path, weights_only=True)["optimizer"]["state"].values()]
-    assert sum(((m != 0) & (m.abs() < tiny)).sum().item() for m in moments) == 0
+    assert subnormal_moments(torch.load(path, weights_only=True)["optimizer"]["state"]) == 0
