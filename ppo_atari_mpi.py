@@ -526,6 +526,4 @@ if __name__ == "__main__":
     try:
         main(args)
     except Exception:  # a rank that stops alone would leave the others waiting in a collective call for ever
-        sys.stderr.write(traceback.format_exc())  # in one write: MPI_Abort may cut a traceback written line by line
-        time.sleep(0.5)  # and time for mpiexec to pass it on: MPI_Abort can drop what a rank wrote just before it
-        MPI.COMM_WORLD.Abort(1)
+        fail(traceback.format_exc().rstrip(), 1)
